@@ -1,0 +1,123 @@
+"""Every metric family pcietax exports: name, type, labels, help. The Prometheus sink renders from
+this table and the README's metrics reference is generated from it (``pcietax metrics --markdown``),
+so the contract in ../shared/DESIGN.md section 2 has exactly one home in the code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["counter", "gauge"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: Kind
+    labels: tuple[str, ...]
+    help: str
+    source: str  # which source (or "model"/"self") feeds it, for the reference table
+
+
+_F = Family
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        # --- the tax model -----------------------------------------------------------------
+        _F("pcietax_useful_bytes_total", "counter", ("direction",),
+           "Useful payload bytes between the network and the workload (socket payload of target "
+           "processes plus RDMA port payload).", "model"),
+        _F("pcietax_moved_bytes_total", "counter", ("hop", "direction"),
+           "Bytes moved by each hop of the data path (absent hops are not exported; see "
+           "pcietax_hop_measured).", "model"),
+        _F("pcietax_tax_ratio", "gauge", ("direction",),
+           "Bytes moved by all measured hops per useful byte over the ratio window (1.0 = direct "
+           "path). Partial when any pcietax_hop_measured is 0.", "model"),
+        _F("pcietax_hop_measured", "gauge", ("hop",),
+           "1 when the hop has a working source and is included in the ratio, 0 when absent.", "model"),
+        # --- GPU (NVML) ----------------------------------------------------------------------
+        _F("pcietax_gpu_pcie_receive_bytes_total", "counter", ("gpu", "pci_bus_id", "uuid"),
+           "Bytes the GPU received over PCIe (NVML).", "nvml"),
+        _F("pcietax_gpu_pcie_transmit_bytes_total", "counter", ("gpu", "pci_bus_id", "uuid"),
+           "Bytes the GPU transmitted over PCIe (NVML).", "nvml"),
+        # --- PCIe links ----------------------------------------------------------------------
+        _F("pcietax_pcie_link_speed_gts", "gauge", ("pci_bus_id", "device_kind", "state"),
+           "PCIe link speed in GT/s per lane, state=current (negotiated) or max.", "pcie"),
+        _F("pcietax_pcie_link_width", "gauge", ("pci_bus_id", "device_kind", "state"),
+           "PCIe link width in lanes, state=current (negotiated) or max.", "pcie"),
+        _F("pcietax_pcie_link_ceiling_bytes_per_second", "gauge", ("pci_bus_id", "device_kind"),
+           "Usable unidirectional ceiling of the negotiated link after encoding, TLP and flow-control "
+           "overhead (pcietax calc).", "pcie"),
+        _F("pcietax_pcie_replay_total", "counter", ("pci_bus_id", "device_kind"),
+           "PCIe replay events (AER replay timer timeouts and replay number rollovers, or NVML's "
+           "replay counter for GPUs).", "pcie"),
+        _F("pcietax_pcie_correctable_errors_total", "counter", ("pci_bus_id", "device_kind"),
+           "PCIe correctable errors reported by AER.", "pcie"),
+        # --- NICs and RDMA -------------------------------------------------------------------
+        _F("pcietax_nic_receive_bytes_total", "counter", ("nic", "pci_bus_id"),
+           "Bytes received by each physical NIC, counted once per NIC.", "netdev"),
+        _F("pcietax_nic_transmit_bytes_total", "counter", ("nic", "pci_bus_id"),
+           "Bytes transmitted by each physical NIC, counted once per NIC.", "netdev"),
+        _F("pcietax_rdma_port_receive_bytes_total", "counter", ("device", "port"),
+           "RDMA port data received (port_rcv_data x 4).", "rdma"),
+        _F("pcietax_rdma_port_transmit_bytes_total", "counter", ("device", "port"),
+           "RDMA port data transmitted (port_xmit_data x 4).", "rdma"),
+        # --- eBPF ----------------------------------------------------------------------------
+        _F("pcietax_cuda_copy_bytes_total", "counter", ("kind", "memory", "process"),
+           "Bytes of CUDA host<->device copies seen by uprobes.", "ebpf"),
+        _F("pcietax_cuda_copy_calls_total", "counter", ("kind", "memory", "process"),
+           "CUDA host<->device copy calls seen by uprobes.", "ebpf"),
+        _F("pcietax_socket_copy_bytes_total", "counter", ("direction", "process"),
+           "Socket payload copied between kernel and user space for target processes.", "ebpf"),
+        _F("pcietax_hardirq_total", "counter", ("irq", "name"),
+           "Hard interrupts per IRQ line, summed over CPUs (/proc/interrupts).", "procfs"),
+        _F("pcietax_hardirq_seconds_total", "counter", ("irq", "name"),
+           "CPU time in hard interrupt handlers per IRQ line (eBPF).", "ebpf"),
+        _F("pcietax_softirq_total", "counter", ("vector",),
+           "Softirqs raised per vector, summed over CPUs (/proc/softirqs).", "procfs"),
+        _F("pcietax_softirq_seconds_total", "counter", ("vector",),
+           "CPU time in softirq handlers per vector (eBPF).", "ebpf"),
+        _F("pcietax_staging_cpu_seconds_total", "counter", ("kind",),
+           "CPU time spent staging network data: kind=hardirq/softirq_net_rx/softirq_net_tx (eBPF) "
+           "or irq_coarse/softirq_coarse (all IRQ and softirq time from /proc/stat).", "procfs"),
+        # --- socket interconnect -------------------------------------------------------------
+        _F("pcietax_upi_bytes_total", "counter", ("socket", "link", "direction"),
+           "Data bytes crossing the CPU socket interconnect (UPI data flits x 64/9).", "upi"),
+        # --- topology ------------------------------------------------------------------------
+        _F("pcietax_gpu_nic_path_info", "gauge", ("gpu", "nic", "path", "gpudirect", "reason"),
+           "Topology verdict per GPU-NIC pair: path class and whether GPUDirect RDMA can work.",
+           "topology"),
+        # --- the exporter itself -------------------------------------------------------------
+        _F("pcietax_source_up", "gauge", ("source",),
+           "1 when the source works, 0 when it is down (the reason is logged).", "self"),
+        _F("pcietax_source_errors_total", "counter", ("source",),
+           "Faults absorbed by the source (unreadable or garbage input; the series was skipped).", "self"),
+        _F("pcietax_source_resets_total", "counter", ("source",),
+           "Counter wraps and resets of the source absorbed so exported counters never go back.", "self"),
+        _F("pcietax_probe_hits_total", "counter", ("probe",),
+           "Events traced by each of the exporter's probes.", "ebpf"),
+        _F("pcietax_probe_overhead_seconds_total", "counter", ("probe",),
+           "CPU time the exporter's probes cost the traced processes.", "ebpf"),
+        _F("pcietax_scrape_duration_seconds", "gauge", ("source",),
+           "Seconds the source took in the last collection cycle.", "self"),
+        _F("pcietax_build_info", "gauge", ("version", "python", "sources"),
+           "Build information; value is 1.", "self"),
+    )
+}
+
+
+def family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"metric family {name!r} is not in the catalog (pcietax/catalog.py)") from None
+
+
+def markdown_reference() -> str:
+    """The README's metrics reference table."""
+    rows = ["| metric | type | labels | source | meaning |", "|---|---|---|---|---|"]
+    for f in FAMILIES.values():
+        labels = ", ".join(f"`{x}`" for x in f.labels)
+        rows.append(f"| `{f.name}` | {f.kind} | {labels} | {f.source} | {f.help} |")
+    return "\n".join(rows) + "\n"

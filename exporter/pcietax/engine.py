@@ -1,0 +1,254 @@
+"""The collection loop: sources -> counter absorption -> tax model -> one immutable Frame.
+
+Each source is read in its own worker thread with a time budget, so a source that hangs (an NVML
+call stuck in the driver) is marked down and skipped instead of blocking the others or a scrape.
+Scrapes never touch a source: they render the latest Frame, which is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .counters import CounterAbsorber
+from .model import PATH_INFO, Inputs, SeriesKey, TaxModel, TaxState
+from .sources.base import Snapshot, Source, SourceUnavailable
+
+log = logging.getLogger("pcietax")
+
+# Re-log a fault that keeps happening at most this often (seconds): one line says what and where,
+# without flooding the journal once per second.
+FAULT_RELOG_INTERVAL = 600.0
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    name: str
+    up: bool
+    reason: str  # "" when up
+    duration: float  # seconds the last read took
+    errors: int  # faults absorbed so far
+    resets: int  # wraps and resets absorbed so far
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Everything one scrape renders, from one collection cycle."""
+
+    t: float
+    counters: dict[SeriesKey, float]
+    gauges: dict[SeriesKey, float]
+    status: dict[str, SourceStatus]
+    tax: TaxState | None
+
+
+@dataclass
+class _Slot:
+    source: Source
+    started: bool = False
+    reason: str = "not started"
+    retry_at: float = 0.0
+    backoff: float = 0.0
+    last: Snapshot | None = None
+    pending: Future[Snapshot] | None = None
+    duration: float = 0.0
+    errors: int = 0
+    absorber: CounterAbsorber = field(default_factory=CounterAbsorber)
+    read_ok: bool = False
+
+
+class Engine:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        model: TaxModel,
+        *,
+        read_budget: float = 2.0,
+        retry_min: float = 30.0,
+        retry_max: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate source names: {names}")
+        self._slots = [_Slot(s) for s in sources]
+        self._model = model
+        self._budget = read_budget
+        self._retry_min = retry_min
+        self._retry_max = retry_max
+        self._clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(sources)), thread_name_prefix="pcietax-src")
+        self._cycle_lock = threading.Lock()
+        self._frame: Frame | None = None
+        self._logged: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start_sources(self) -> None:
+        for slot in self._slots:
+            self._try_start(slot)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for slot in self._slots:
+            if slot.started:
+                try:
+                    slot.source.close()
+                except Exception as e:  # closing must go on for every source
+                    log.warning("source %s: close failed: %s", slot.source.name, e)
+                slot.started = False
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def run_in_background(self, interval: float) -> None:
+        """Collect every ``interval`` seconds in a daemon thread (the first cycle runs now)."""
+        self.collect()
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.collect()
+                except Exception:  # the loop must survive anything a cycle throws
+                    log.exception("collection cycle failed")
+
+        self._thread = threading.Thread(target=loop, name="pcietax-collect", daemon=True)
+        self._thread.start()
+
+    # -- one cycle ---------------------------------------------------------------------------
+
+    def frame(self) -> Frame:
+        f = self._frame
+        return f if f is not None else self.collect()
+
+    def collect(self) -> Frame:
+        with self._cycle_lock:
+            now = self._clock()
+            for slot in self._slots:
+                if not slot.started and now >= slot.retry_at:
+                    self._try_start(slot)
+            submitted = [(slot, self._submit(slot)) for slot in self._slots if slot.started]
+            deadline = time.monotonic() + self._budget
+            for slot, fut in submitted:
+                if fut is not None:
+                    self._finish(slot, fut, max(0.0, deadline - time.monotonic()))
+            frame = self._build(now)
+            self._frame = frame
+            return frame
+
+    def _submit(self, slot: _Slot) -> Future[Snapshot] | None:
+        if slot.pending is not None:
+            if not slot.pending.done():
+                return None  # still hung from an earlier cycle: skip, keep reporting it down
+            fut, slot.pending = slot.pending, None
+            return fut
+        src = slot.source
+
+        def timed() -> Snapshot:
+            t0 = time.perf_counter()
+            try:
+                return src.read()
+            finally:
+                slot.duration = time.perf_counter() - t0
+
+        return self._pool.submit(timed)
+
+    def _finish(self, slot: _Slot, fut: Future[Snapshot], timeout: float) -> None:
+        name = slot.source.name
+        try:
+            snap = fut.result(timeout=timeout)
+        except TimeoutError:
+            slot.pending = fut
+            slot.read_ok = False
+            slot.reason = f"read took longer than {self._budget:g}s"
+            slot.duration = self._budget
+            self._log_once(name, slot.reason)
+            return
+        except SourceUnavailable as e:
+            slot.read_ok = False
+            slot.reason = str(e)
+            self._log_once(name, f"down: {e}")
+            return
+        except Exception as e:
+            slot.read_ok = False
+            slot.errors += 1
+            slot.reason = f"read failed: {type(e).__name__}: {e}"
+            self._log_once(name, slot.reason)
+            return
+        slot.read_ok = True
+        slot.reason = ""
+        slot.last = snap
+        for fault in snap.faults:
+            slot.errors += 1
+            self._log_once(name, str(fault))
+
+    def _try_start(self, slot: _Slot) -> None:
+        name = slot.source.name
+        try:
+            slot.source.start()
+        except SourceUnavailable as e:
+            slot.reason = str(e) or "unavailable"
+        except Exception as e:
+            slot.reason = f"start failed: {type(e).__name__}: {e}"
+        else:
+            slot.started, slot.reason, slot.backoff = True, "", 0.0
+            log.info("source %s: up", name)
+            return
+        slot.backoff = min(self._retry_max, max(self._retry_min, slot.backoff * 2))
+        slot.retry_at = self._clock() + slot.backoff
+        self._log_once(name, f"down: {slot.reason}")
+
+    def _log_once(self, source: str, message: str) -> None:
+        key = f"{source}: {message}"
+        now = time.monotonic()
+        last = self._logged.get(key)
+        if last is None or now - last >= FAULT_RELOG_INTERVAL:
+            self._logged[key] = now
+            log.warning("source %s", key)
+
+    def _build(self, now: float) -> Frame:
+        counters: dict[SeriesKey, float] = {}
+        gauges: dict[SeriesKey, float] = {}
+        provides: set[str] = set()
+        status: dict[str, SourceStatus] = {}
+        for slot in self._slots:
+            name = slot.source.name
+            up = slot.started and slot.read_ok
+            snap = slot.last if slot.started else None
+            if snap is not None:
+                # A source that failed this cycle keeps its last counters (held, not dropped): they are
+                # still true totals, and a counter series that blinks out breaks rate() for everyone.
+                for s in snap.counters:
+                    key = (s.family, s.labels)
+                    value = (
+                        slot.absorber.update((s.family, s.labels), s.value, s.bits)
+                        if up
+                        else slot.absorber.value(key)
+                    )
+                    if value is not None and key not in counters:  # earlier source wins a shared series
+                        counters[key] = value
+                if up:
+                    for s in snap.gauges:
+                        gauges.setdefault((s.family, s.labels), s.value)
+                    provides |= snap.provides
+            status[name] = SourceStatus(
+                name=name,
+                up=up,
+                reason=slot.reason,
+                duration=slot.duration,
+                errors=slot.errors,
+                resets=slot.absorber.wraps + slot.absorber.resets,
+            )
+        p2p = frozenset(
+            dict(labels).get("gpu", "")
+            for (fam, labels) in gauges
+            if fam == PATH_INFO and dict(labels).get("gpudirect") == "ready"
+        )
+        tax = self._model.update(Inputs(now, counters, frozenset(provides), p2p))
+        return Frame(now, counters, gauges, status, tax)

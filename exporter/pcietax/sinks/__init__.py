@@ -1,0 +1,1 @@
+"""Sinks render a Frame; they never read a source or change the model."""

@@ -1,0 +1,67 @@
+"""The source registry: which sources exist, in priority order, and how each is built from the
+command-line options. When two sources give the same series (a GPU's replay counter from NVML and
+from AER), the one listed first wins."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .base import Source
+
+
+@dataclass
+class SourceOptions:
+    """Everything sources may need from the command line; roots first, as node_exporter does."""
+
+    sysfs: str = "/sys"
+    procfs: str = "/proc"
+    nics: list[str] = field(default_factory=list)
+    target_pids: list[int] = field(default_factory=list)
+    target_comm: str | None = None
+    target_cgroup: str | None = None
+    cuda_libs: list[str] = field(default_factory=list)
+    cuda_probes: str = "sampled"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    help: str
+    build: Callable[[SourceOptions], Source]
+
+
+def _netdev(o: SourceOptions) -> Source:
+    from .netdev import NetdevSource
+
+    return NetdevSource(procfs=o.procfs, sysfs=o.sysfs, nics=o.nics)
+
+
+def _rdma(o: SourceOptions) -> Source:
+    from .rdma import RdmaSource
+
+    return RdmaSource(sysfs=o.sysfs)
+
+
+def _procfs(o: SourceOptions) -> Source:
+    from .procfs import ProcfsSource
+
+    return ProcfsSource(procfs=o.procfs)
+
+
+def _pcie(o: SourceOptions) -> Source:
+    from .pcie import PcieSource
+
+    return PcieSource(sysfs=o.sysfs)
+
+
+SOURCES: list[SourceSpec] = [
+    SourceSpec("netdev", "NIC byte counters (/proc/net/dev, each physical NIC once)", _netdev),
+    SourceSpec("rdma", "RDMA port data counters (/sys/class/infiniband)", _rdma),
+    SourceSpec("procfs", "hard IRQs, softirqs and /proc/stat IRQ time", _procfs),
+    SourceSpec("pcie", "PCIe link state, ceilings and AER counters (sysfs)", _pcie),
+]
+
+
+def by_name() -> dict[str, SourceSpec]:
+    return {s.name: s for s in SOURCES}

@@ -1,0 +1,91 @@
+"""The one small interface every source implements, and the snapshot it returns.
+
+Sources read hardware and kernel state and return raw counters; they know nothing of Prometheus,
+of the tax model, or of each other. Everything they touch on disk comes from roots passed in, so a
+test hands them a fixture tree instead of patching globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def labels_of(**kv: object) -> Labels:
+    """Canonical, hashable label set: sorted by name, values as strings."""
+    return tuple(sorted((k, str(v)) for k, v in kv.items()))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading. For counters, ``value`` is the raw device/kernel value (it may wrap or reset);
+    ``bits`` is the counter's width when it is narrower than 64 bits, so wraps can be told from resets."""
+
+    family: str
+    labels: Labels
+    value: float
+    bits: int | None = None
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A problem absorbed while reading: the affected series is skipped, everything else flows."""
+
+    what: str
+    where: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.where}"
+
+
+@dataclass
+class Snapshot:
+    """One consistent read of a source.
+
+    ``provides`` names the counter families this source is actively measuring, even before the
+    first event arrives (a measured zero is not an absent hop)."""
+
+    counters: list[Sample] = field(default_factory=list)
+    gauges: list[Sample] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    provides: frozenset[str] = frozenset()
+
+    def counter(self, family: str, value: float, bits: int | None = None, **labels: object) -> None:
+        self.counters.append(Sample(family, labels_of(**labels), float(value), bits))
+
+    def gauge(self, family: str, value: float, **labels: object) -> None:
+        self.gauges.append(Sample(family, labels_of(**labels), float(value)))
+
+    def fault(self, what: str, where: object) -> None:
+        self.faults.append(Fault(what, str(where)))
+
+
+class SourceUnavailable(Exception):
+    """Raised by ``start()`` (or ``read()``) when the source cannot work here; the message is the
+    reason shown to the operator (``no GPU``, ``not root``, ``bcc not installed`` …)."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """start() may raise SourceUnavailable; read() returns a Snapshot or raises; close() is idempotent."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def read(self) -> Snapshot: ...
+
+    def close(self) -> None: ...
+
+
+def totals_by(samples: Iterable[Sample], family: str, key: str) -> Mapping[str, float]:
+    """Sum the samples of one family by one label (for tests and small aggregations)."""
+    out: dict[str, float] = {}
+    for s in samples:
+        if s.family == family:
+            k = dict(s.labels).get(key, "")
+            out[k] = out.get(k, 0.0) + s.value
+    return out

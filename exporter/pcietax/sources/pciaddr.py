@@ -1,0 +1,37 @@
+"""PCI addresses as sysfs spells them (``0000:3b:00.0``), from links and from other spellings."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+PCI_ADDR = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+
+def normalize(addr: str) -> str:
+    """``00000000:3B:00.0`` (NVML) or ``3b:00.0`` -> ``0000:3b:00.0``; raises ValueError otherwise."""
+    a = addr.strip().lower()
+    parts = a.split(":")
+    if len(parts) == 2:
+        parts = ["0000", *parts]
+    if len(parts) != 3:
+        raise ValueError(f"not a PCI address: {addr!r}")
+    domain = f"{int(parts[0], 16):04x}"
+    out = f"{domain}:{parts[1]}:{parts[2]}"
+    if not PCI_ADDR.match(out):
+        raise ValueError(f"not a PCI address: {addr!r}")
+    return out
+
+
+def pci_of_device_link(device_link: str | os.PathLike[str]) -> str:
+    """The PCI function behind a ``.../device`` link (walking up past virtio-style children);
+    "" when the device is not on PCI."""
+    try:
+        p = Path(os.path.realpath(device_link))
+    except OSError:
+        return ""
+    for part in (p, *p.parents):
+        if PCI_ADDR.match(part.name):
+            return part.name
+    return ""

@@ -1,0 +1,109 @@
+"""Interrupt and softirq counts from /proc/interrupts and /proc/softirqs (summed over CPUs), and
+the IRQ and softirq time columns of /proc/stat: the coarse staging-CPU figure used when eBPF is off
+(it covers every IRQ and softirq on the node, not only the network's)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..fsread import read_text
+from .base import Snapshot, SourceUnavailable
+
+HARDIRQ = "pcietax_hardirq_total"
+SOFTIRQ = "pcietax_softirq_total"
+STAGING = "pcietax_staging_cpu_seconds_total"
+
+
+def parse_interrupts(text: str, snap: Snapshot, where: str) -> None:
+    lines = text.splitlines()
+    if not lines:
+        snap.fault("empty file", where)
+        return
+    ncpu = len(lines[0].split())
+    for n, line in enumerate(lines[1:], start=2):
+        head, sep, rest = line.partition(":")
+        irq = head.strip()
+        if not sep or not irq:
+            snap.fault("truncated line", f"{where}:{n}")
+            continue
+        parts = rest.split()
+        counts = parts[:ncpu]
+        try:
+            total = sum(map(int, counts))
+        except ValueError:
+            # ERR/MIS carry one number; anything else non-numeric is garbage.
+            snap.fault("not a number", f"{where}:{n}")
+            continue
+        if irq.isdigit():
+            if len(parts) < ncpu + 1:
+                snap.fault("truncated line", f"{where}:{n}")
+                continue
+            # chip, hwirq-trigger, then the action names (what node_exporter calls "devices").
+            tail = parts[ncpu + 2 :] if len(parts) > ncpu + 2 else parts[ncpu + 1 :]
+            name = " ".join(tail)
+        else:
+            name = " ".join(parts[ncpu:]) if len(parts) > ncpu else irq
+        snap.counter(HARDIRQ, total, irq=irq, name=name)
+
+
+def parse_softirqs(text: str, snap: Snapshot, where: str) -> None:
+    lines = text.splitlines()
+    if not lines:
+        snap.fault("empty file", where)
+        return
+    ncpu = len(lines[0].split())
+    for n, line in enumerate(lines[1:], start=2):
+        head, sep, rest = line.partition(":")
+        parts = rest.split()
+        if not sep or len(parts) != ncpu:
+            snap.fault("truncated line", f"{where}:{n}")
+            continue
+        try:
+            snap.counter(SOFTIRQ, sum(map(int, parts)), vector=head.strip().lower())
+        except ValueError:
+            snap.fault("not a number", f"{where}:{n}")
+
+
+def parse_stat(text: str, snap: Snapshot, where: str, user_hz: float) -> None:
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            f = line.split()
+            try:
+                snap.counter(STAGING, int(f[6]) / user_hz, kind="irq_coarse")
+                snap.counter(STAGING, int(f[7]) / user_hz, kind="softirq_coarse")
+            except (IndexError, ValueError):
+                snap.fault("garbage cpu line", where)
+            return
+    snap.fault("no aggregate cpu line", where)
+
+
+class ProcfsSource:
+    name = "procfs"
+
+    def __init__(self, procfs: str = "/proc", user_hz: float | None = None) -> None:
+        self._root = Path(procfs)
+        self._user_hz = user_hz or float(os.sysconf("SC_CLK_TCK"))
+
+    def start(self) -> None:
+        missing = [f for f in ("interrupts", "softirqs", "stat") if not (self._root / f).exists()]
+        if len(missing) == 3:
+            raise SourceUnavailable(f"no /proc/interrupts, softirqs or stat under {self._root}")
+
+    def close(self) -> None:
+        pass
+
+    def read(self) -> Snapshot:
+        snap = Snapshot(provides=frozenset({HARDIRQ, SOFTIRQ, STAGING}))
+        for fname, parse in (("interrupts", parse_interrupts), ("softirqs", parse_softirqs)):
+            where = str(self._root / fname)
+            try:
+                parse(read_text(where), snap, where)
+            except (OSError, UnicodeDecodeError) as e:
+                snap.fault("unreadable", f"{where}: {e}")
+        where = str(self._root / "stat")
+        try:
+            parse_stat(read_text(where), snap, where, self._user_hz)
+        except (OSError, UnicodeDecodeError) as e:
+            snap.fault("unreadable", f"{where}: {e}")
+        return snap
