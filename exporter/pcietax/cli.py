@@ -10,9 +10,10 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
+from .sources import SourceOptions
 
 log = logging.getLogger("pcietax")
 
@@ -76,14 +77,17 @@ def _add_calc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _add_metrics(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("metrics", help="print the metrics reference")
+    m.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcietax", description="PCIe tax observability for GPU nodes")
     parser.add_argument("--version", action="version", version=f"pcietax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve(sub)
-    _add_calc(sub)
-    m = sub.add_parser("metrics", help="print the metrics reference")
-    m.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
+    for add, _run in _commands().values():
+        add(sub)
     return parser
 
 
@@ -113,8 +117,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-def options_from_args(args: argparse.Namespace):  # -> SourceOptions
-    from .sources import SourceOptions
+def options_from_args(args: argparse.Namespace) -> SourceOptions:
 
     return SourceOptions(
         sysfs=args.sysfs, procfs=args.procfs, nics=args.nic, target_pids=args.target_pid,
@@ -184,10 +187,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+AddParser = Callable[[argparse._SubParsersAction], None]
+Run = Callable[[argparse.Namespace], int]
+
+
+def _commands() -> dict[str, tuple[AddParser, Run]]:
+    """Subcommands: each is (add its parser, run it). A subcommand that lives in its own module
+    exposes ``add_parser(sub)`` and ``run(args)`` and is listed here with one line."""
+    return {
+        "serve": (_add_serve, cmd_serve),
+        "calc": (_add_calc, cmd_calc),
+        "metrics": (_add_metrics, cmd_metrics),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "calc": cmd_calc, "metrics": cmd_metrics}
-    return handlers[args.command](args)
+    return _commands()[args.command][1](args)
 
 
 if __name__ == "__main__":
