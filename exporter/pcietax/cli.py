@@ -194,10 +194,13 @@ Run = Callable[[argparse.Namespace], int]
 def _commands() -> dict[str, tuple[AddParser, Run]]:
     """Subcommands: each is (add its parser, run it). A subcommand that lives in its own module
     exposes ``add_parser(sub)`` and ``run(args)`` and is listed here with one line."""
+    from . import top
+
     return {
         "serve": (_add_serve, cmd_serve),
         "calc": (_add_calc, cmd_calc),
         "metrics": (_add_metrics, cmd_metrics),
+        "top": (top.add_parser, top.run),
     }
 
 
