@@ -28,7 +28,7 @@ from helpers.traffic import Traffic, roce_node, serve, wait_until
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not (PROMETHEUS and ALERTMANAGER),
-                       reason="prometheus and prometheus-alertmanager not installed (scripts/setup.sh --test)"),
+                       reason="prometheus, prometheus-alertmanager missing (scripts/setup.sh --test)"),
 ]
 
 # The real rules with only the waits shortened (the same generator writes alerts/pcietax.rules.yml).
