@@ -15,7 +15,8 @@ RI = "$__rate_interval"
 NIC_IRQ = 'name=~"$nic_irq"'
 # Interrupt names of common NIC drivers' queues (mlx5_comp3@pci:..., ice-eth0-TxRx-3, virtio0-input.0).
 NIC_IRQ_DEFAULT = ".*(mlx|ice|i40e|ixgbe|bnxt|ena|efa|virtio|eth|ens|enp|TxRx).*"
-LINK_BYTES = "pcietax_(nic_receive|nic_transmit|gpu_pcie_receive|gpu_pcie_transmit)_bytes_total"
+LINK_RX = "pcietax_(nic_receive|gpu_pcie_receive)_bytes_total"
+LINK_TX = "pcietax_(nic_transmit|gpu_pcie_transmit)_bytes_total"
 TAX_STEPS = ((None, "green"), (1.5, "yellow"), (2.5, "red"))
 
 
@@ -61,10 +62,14 @@ def overview() -> dashboard.Dashboard:
             "Ceiling vs achieved per link", "Bps",
             q(f"max by (node, pci_bus_id) (pcietax_pcie_link_ceiling_bytes_per_second{{{NODE}}})",
               "ceiling {{pci_bus_id}}", "A"),
-            q(f"max by (node, pci_bus_id) (rate({{__name__=~\"{LINK_BYTES}\", {NODE}}}[{RI}]))",
-              "achieved {{pci_bus_id}}", "B"),
-            desc="Usable unidirectional ceiling of each negotiated link (pcietax calc) against the busier "
-                 "direction of its traffic.", w=24))
+            # One query per direction: rate() drops the metric name, so receive and transmit of one
+            # device in a single name-regex selector would collide on the same label set.
+            q(f"max by (node, pci_bus_id) (rate({{__name__=~\"{LINK_RX}\", {NODE}}}[{RI}]))",
+              "receive {{pci_bus_id}}", "B"),
+            q(f"max by (node, pci_bus_id) (rate({{__name__=~\"{LINK_TX}\", {NODE}}}[{RI}]))",
+              "transmit {{pci_bus_id}}", "C"),
+            desc="Usable unidirectional ceiling of each negotiated link (pcietax calc) against its "
+                 "traffic in each direction.", w=24))
     )
 
 
@@ -114,10 +119,11 @@ def staging() -> dashboard.Dashboard:
 def ttft() -> dashboard.Dashboard:
     n = f"{{{NODE}}}"
     alerts = "|".join(("PcieTaxRatioHigh", "PcieTaxTTFTStagingSpike", "PcieTaxTTFTSpikeNotStaging"))
+    # Pearson correlation over the dashboard's range; subqueries so either side may be an expression.
     corr = (
         "(\n  avg_over_time(({a} * on (node) {b})[$__range:])\n"
-        "  - avg_over_time({a}[$__range]) * on (node) avg_over_time({b}[$__range])\n)\n"
-        "/\n(stddev_over_time({a}[$__range]) * on (node) stddev_over_time({b}[$__range]))"
+        "  - avg_over_time(({a})[$__range:]) * on (node) avg_over_time(({b})[$__range:])\n)\n"
+        "/\n(stddev_over_time(({a})[$__range:]) * on (node) stddev_over_time(({b})[$__range:]))"
     )
     ratio_node = f"max by (node) ({R.RATIO}{n})"
     return (

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import threading
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -68,7 +69,10 @@ class Prometheus:
     def query(self, expr: str) -> list[dict[str, Any]]:
         self.proc.check()
         q = urllib.parse.urlencode({"query": expr})
-        body = json.loads(_get(f"{self.url}/api/v1/query?{q}"))
+        try:
+            body = json.loads(_get(f"{self.url}/api/v1/query?{q}"))
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"query failed: {expr}: HTTP {e.code}: {e.read().decode()}") from e
         if body.get("status") != "success":
             raise AssertionError(f"query failed: {expr}: {body}")
         return body["data"]["result"]
