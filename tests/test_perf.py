@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import needs_root, pcietax_env
+from conftest import needs_root
 from pcietax.perf import (
     PERF_COUNT_SW_CPU_CLOCK,
     PERF_COUNT_SW_TASK_CLOCK,
@@ -142,19 +140,30 @@ def test_unknown_architecture_is_refused():
 @needs_root
 @pytest.mark.skipif((paranoid_level() or 0) < 1, reason="perf_event_paranoid < 1 lets anyone count CPU-wide")
 def test_unprivileged_cpu_wide_open_is_eacces_with_the_paranoid_reason():
-    """A real EACCES: the same open as uncore, from a process that dropped root (uid nobody)."""
-    code = (
-        "from pcietax.perf import *\n"
-        "try:\n"
-        "    SyscallOpener()(EventAttr(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK), cpu=0)\n"
-        "except PerfOpenError as e:\n"
-        "    print(e.errno, e.reason)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=pcietax_env(), capture_output=True, text=True, timeout=60,
-        user=65534, group=65534, extra_groups=[], cwd="/",
-    )
-    assert out.returncode == 0, out.stderr
-    err, reason = out.stdout.strip().split(" ", 1)
-    assert int(err) in (errno.EACCES, errno.EPERM)
+    """A real EACCES: the same open as uncore, from a forked child that dropped root (uid nobody).
+    Forked rather than spawned so the child needs no read access to this checkout."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop every privilege, try, report, exit without running pytest's teardown
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                SyscallOpener()(EventAttr(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK), cpu=0).close()
+                os.write(w, b"0 opened")
+            except PerfOpenError as e:
+                os.write(w, f"{e.errno} {e.reason}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    err, reason = out.split(" ", 1)
+    assert int(err) in (errno.EACCES, errno.EPERM), out
     assert f"kernel.perf_event_paranoid={paranoid_level()}" in reason
