@@ -83,7 +83,13 @@ FAMILIES: dict[str, Family] = {
            "or irq_coarse/softirq_coarse (all IRQ and softirq time from /proc/stat).", "procfs"),
         # --- socket interconnect -------------------------------------------------------------
         _F("pcietax_upi_bytes_total", "counter", ("socket", "link", "direction"),
-           "Data bytes crossing the CPU socket interconnect (UPI data flits x 64/9).", "upi"),
+           "Data bytes crossing the CPU socket interconnect (UPI data flits x 64/9), direction=rx/tx "
+           "as seen by this socket's end of the link (a crossing is tx on one socket, rx on the other).",
+           "upi"),
+        _F("pcietax_iio_bytes_total", "counter", ("socket", "stack", "port", "pci_bus", "direction"),
+           "Bytes through each PCIe root port of the CPU (IIO free-running counters x the kernel's "
+           "scale), direction=rx (device to CPU) or tx (CPU to device); pci_bus is the stack's root "
+           "bus. Peer-to-peer traffic below a switch never reaches these counters.", "upi"),
         # --- topology ------------------------------------------------------------------------
         _F("pcietax_gpu_nic_path_info", "gauge", ("gpu", "nic", "path", "gpudirect", "reason"),
            "Topology verdict per GPU-NIC pair: path class and whether GPUDirect RDMA can work.",

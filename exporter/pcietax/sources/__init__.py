@@ -55,11 +55,18 @@ def _pcie(o: SourceOptions) -> Source:
     return PcieSource(sysfs=o.sysfs)
 
 
+def _upi(o: SourceOptions) -> Source:
+    from .upi import UpiSource
+
+    return UpiSource(sysfs=o.sysfs, procfs=o.procfs)
+
+
 SOURCES: list[SourceSpec] = [
     SourceSpec("netdev", "NIC byte counters (/proc/net/dev, each physical NIC once)", _netdev),
     SourceSpec("rdma", "RDMA port data counters (/sys/class/infiniband)", _rdma),
     SourceSpec("procfs", "hard IRQs, softirqs and /proc/stat IRQ time", _procfs),
     SourceSpec("pcie", "PCIe link state, ceilings and AER counters (sysfs)", _pcie),
+    SourceSpec("upi", "UPI socket-link and IIO root-port bytes (Intel uncore PMUs via perf)", _upi),
 ]
 
 
