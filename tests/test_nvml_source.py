@@ -414,3 +414,30 @@ def test_engine_keeps_serving_while_one_gpu_hangs(fakes):
     assert last.status["nvml"].up
     assert _exported(last, RX, "0") == 20 and _exported(last, RX, "7") == 0
     engine.close()
+
+
+def test_every_family_the_source_emits_renders_through_the_prometheus_sink(fakes):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pcietax.sinks.prometheus import PcietaxCollector
+
+    gpus = eight_gpus()
+    gpus[0].rx = (0, 123456)
+    f, src = fakes(gpus)
+    engine = _engine(src, f)
+    engine.collect()
+    f.advance()
+    engine.collect()
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(PcietaxCollector(engine.frame, ["nvml"]))
+    text = generate_latest(reg).decode()
+    lines = set(text.splitlines())
+    uuid0 = gpus[0].uuid
+    assert (f'pcietax_gpu_pcie_receive_bytes_total{{gpu="0",pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} '
+            "123456.0") in lines
+    assert (f'pcietax_gpu_info{{counter_path="field",gpu="0",name="NVIDIA H100 80GB HBM3",numa_node="0",'
+            f'pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} 1.0') in lines
+    assert 'pcietax_pcie_link_width{device_kind="gpu",pci_bus_id="0000:db:00.0",state="max"} 16.0' in lines
+    assert 'pcietax_hop_measured{hop="host_to_gpu"} 1.0' in lines
+    assert 'pcietax_moved_bytes_total{direction="ingress",hop="host_to_gpu"} 123456.0' in lines
+    engine.close()
