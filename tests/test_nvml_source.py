@@ -135,7 +135,8 @@ def test_init_that_hangs_does_not_block_start(fakes):
         src.start()  # no second thread piles up on the stuck driver
     f.release.set()
     src._start_thread.join(5)
-    src.start()
+    src.start()  # the late init worked: no second init
+    assert f.calls.count("handle_by_index") == 8
     assert len(by(src.read(), INFO)) == 8
 
 
@@ -440,4 +441,29 @@ def test_every_family_the_source_emits_renders_through_the_prometheus_sink(fakes
     assert 'pcietax_pcie_link_width{device_kind="gpu",pci_bus_id="0000:db:00.0",state="max"} 16.0' in lines
     assert 'pcietax_hop_measured{hop="host_to_gpu"} 1.0' in lines
     assert 'pcietax_moved_bytes_total{direction="ingress",hop="host_to_gpu"} 123456.0' in lines
+    engine.close()
+
+
+def test_nvml_is_registered_first_so_its_gpu_series_win():
+    from pcietax.sources import SOURCES, SourceOptions
+
+    assert SOURCES[0].name == "nvml"
+    src = SOURCES[0].build(SourceOptions(sysfs="/nonexistent"))
+    assert isinstance(src, NvmlSource) and isinstance(src._nv, nv.PynvmlBinding)
+
+
+def test_nvml_gpu_link_series_win_over_the_sysfs_source(fakes, fake_node):
+    """Both sources give the GPU's link width under the same labels; the engine keeps NVML's."""
+    from pcietax.sources.pcie import PcieSource
+
+    rp = fake_node.add_pci("0000:00:01.0", 0x060400)
+    fake_node.add_pci("0000:3b:00.0", 0x030200, rp, vendor=0x10DE,
+                      link=("32.0 GT/s PCIe", 8, "32.0 GT/s PCIe", 16))
+    f, src = fakes([FakeGpu(pci_bus_id="00000000:3B:00.0", link=(5, 4, 5, 16))])
+    engine = Engine([src, PcieSource(sysfs=str(fake_node.sys))], TaxModel(), clock=f.clock)
+    engine.start_sources()
+    gauges = engine.collect().gauges
+    width = {dict(lb)["state"]: v for (fam, lb), v in gauges.items()
+             if fam == WIDTH and dict(lb)["pci_bus_id"] == "0000:3b:00.0"}
+    assert width == {"current": 4.0, "max": 16.0}
     engine.close()

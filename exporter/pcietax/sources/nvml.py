@@ -53,6 +53,8 @@ KIB = 1 << 10  # NVML's "KB/s" for nvmlDeviceGetPcieThroughput (see docs/nvml.md
 LOST_CODES = frozenset({nv.ERROR_GPU_IS_LOST, nv.ERROR_RESET_REQUIRED})
 _HEALTH_FIELDS = {nv.FI_PCIE_REPLAY_COUNTER: REPLAY, nv.FI_PCIE_CORRECTABLE_ERRORS: CORRECTABLE}
 _BYTE_FIELDS = {nv.FI_PCIE_RX_BYTES: RX, nv.FI_PCIE_TX_BYTES: TX}
+# A field id older than the driver comes back INVALID_ARGUMENT rather than NOT_SUPPORTED.
+_ABSENT = frozenset({nv.ERROR_NOT_SUPPORTED, nv.ERROR_INVALID_ARGUMENT})
 _GPM_METRICS = [nv.GPM_METRIC_PCIE_TX_PER_SEC, nv.GPM_METRIC_PCIE_RX_PER_SEC]
 
 
@@ -116,8 +118,13 @@ class NvmlSource:
     def start(self) -> None:
         """Init NVML and enumerate GPUs in a helper thread with a budget: a driver stuck in init must
         not hold up the exporter's start or its collection loop."""
-        if self._start_thread is not None and self._start_thread.is_alive():
-            raise SourceUnavailable(f"NVML init still blocked after {self._start_budget:g}s")
+        prev = self._start_thread
+        if prev is not None:
+            if prev.is_alive():
+                raise SourceUnavailable(f"NVML init still blocked after {self._start_budget:g}s")
+            self._start_thread = None
+            if self._pool is not None:
+                return  # the earlier start finished after its budget ran out, and it worked
         result: list[BaseException | None] = []
 
         def run() -> None:
@@ -128,18 +135,15 @@ class NvmlSource:
                 result.append(e)
 
         t = threading.Thread(target=run, name="pcietax-nvml-start", daemon=True)
-        self._start_thread = t
         t.start()
         t.join(self._start_budget)
         if t.is_alive():
+            self._start_thread = t
             raise SourceUnavailable(f"NVML init did not return within {self._start_budget:g}s")
         if result and result[0] is not None:
             raise result[0]
 
     def _start(self) -> None:
-        if self._pool is not None:  # an earlier start finished after its budget ran out: start over
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
         try:
             self._nv.init()
         except nv.NvmlError as e:
@@ -366,8 +370,8 @@ class NvmlSource:
                 got_bytes += fam in (RX, TX)
             elif v.ret in LOST_CODES:
                 raise nv.NvmlError(v.ret, nv.error_name(v.ret))
-            elif v.ret == nv.ERROR_NOT_SUPPORTED and fam not in (RX, TX):
-                continue  # a health counter this GPU does not have: absent, not a fault
+            elif v.ret in _ABSENT and fam not in (RX, TX):
+                continue  # a health counter this GPU or driver does not have: absent, not a fault
             else:
                 r.faults.append(("NVML field unreadable", f"{g.where()}: field {v.field_id}: "
                                  f"{nv.error_name(v.ret)}"))
