@@ -370,13 +370,13 @@ def test_hung_gpu_is_held_while_the_others_keep_flowing(fakes):
     for g in gpus:
         g.rx = (0, 10, 20, 30)
     gpus[2].hang_steps = frozenset({1})
-    f, src = fakes(gpus, budget=0.2)
+    f, src = fakes(gpus, budget=1.0)  # generous: a loaded CI box must not make the others look hung
     src.start()
     at_start = f.calls.count("field_values")
     src.read()
     f.advance()
     s1 = src.read()  # GPU 2's call blocks in the driver
-    assert faults(s1) == ["NVML call hung: GPU 2 (0000:3a:00.0): no answer within 0.2s"]
+    assert faults(s1) == ["NVML call hung: GPU 2 (0000:3a:00.0): no answer within 1s"]
     assert by(s1, RX) == {**{str(i): 10.0 for i in range(8)}, "2": 0.0}
     f.advance()
     s2 = src.read()  # still blocked: no second call piles onto it
@@ -396,7 +396,7 @@ def test_engine_keeps_serving_while_one_gpu_hangs(fakes):
     for g in gpus:
         g.rx = (0, 10, 20)
     gpus[7].hang_steps = frozenset({1, 2})
-    f, src = fakes(gpus, budget=0.2)
+    f, src = fakes(gpus, budget=1.0)
     engine = Engine([src], TaxModel(), read_budget=2.0, clock=f.clock)
     engine.start_sources()
     engine.collect()
