@@ -148,8 +148,9 @@ class NvmlSource:
             self._nv.init()
         except nv.NvmlError as e:
             raise SourceUnavailable(f"NVML unavailable: {e}") from None
-        try:
+        with contextlib.suppress(nv.NvmlError):  # only for the log line and gpu_check's report
             self.driver_version = self._nv.driver_version()
+        try:
             count = self._nv.device_count()
         except nv.NvmlError as e:
             self._shutdown()
