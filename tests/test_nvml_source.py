@@ -467,3 +467,36 @@ def test_nvml_gpu_link_series_win_over_the_sysfs_source(fakes, fake_node):
              if fam == WIDTH and dict(lb)["pci_bus_id"] == "0000:3b:00.0"}
     assert width == {"current": 4.0, "max": 16.0}
     engine.close()
+
+
+def test_real_binding_decodes_field_records_by_their_value_type():
+    """The wrapper reads each record's union by its declared type, on pynvml's real ctypes structs
+    (filled as the driver would fill them), and maps NVMLError to NvmlError with its code."""
+    pynvml = pytest.importorskip("pynvml")
+
+    class Lib:  # stands in for the loaded library behind pynvml's functions
+        NVMLError = pynvml.NVMLError
+
+        @staticmethod
+        def nvmlDeviceGetFieldValues(handle, ids):
+            recs = (pynvml.c_nvmlFieldValue_t * len(ids))()
+            recs[0].fieldId, recs[0].valueType, recs[0].nvmlReturn = ids[0], 1, 0
+            recs[0].value.ullVal = (0xDEAD << 32) | 4000  # junk in the upper half of a 32-bit record
+            recs[1].fieldId, recs[1].valueType, recs[1].nvmlReturn = ids[1], 3, 0
+            recs[1].value.ullVal = 2**40 + 5
+            recs[2].fieldId, recs[2].nvmlReturn = ids[2], pynvml.NVML_ERROR_NOT_SUPPORTED
+            return recs
+
+        @staticmethod
+        def nvmlDeviceGetUUID(handle):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+
+    b = nv.PynvmlBinding()
+    b._nv = Lib
+    vals = b.field_values(None, [nv.FI_PCIE_RX_BYTES, nv.FI_PCIE_TX_BYTES, nv.FI_PCIE_CORRECTABLE_ERRORS])
+    assert vals[0] == nv.FieldValue(nv.FI_PCIE_RX_BYTES, nv.SUCCESS, 4000.0, 32)
+    assert vals[1] == nv.FieldValue(nv.FI_PCIE_TX_BYTES, nv.SUCCESS, float(2**40 + 5), 64)
+    assert vals[2].ret == nv.ERROR_NOT_SUPPORTED
+    with pytest.raises(nv.NvmlError) as e:
+        b.uuid(None)
+    assert e.value.code == nv.ERROR_GPU_IS_LOST
