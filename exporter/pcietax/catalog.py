@@ -38,9 +38,16 @@ FAMILIES: dict[str, Family] = {
            "1 when the hop has a working source and is included in the ratio, 0 when absent.", "model"),
         # --- GPU (NVML) ----------------------------------------------------------------------
         _F("pcietax_gpu_pcie_receive_bytes_total", "counter", ("gpu", "pci_bus_id", "uuid"),
-           "Bytes the GPU received over PCIe (NVML).", "nvml"),
+           "Bytes the GPU received over PCIe (NVML). Counted by the device when "
+           "pcietax_gpu_info{counter_path=\"field\"}; integrated from GPM rates (gpm) or estimated "
+           "from 20 ms throughput samples (throughput_sampled) otherwise.", "nvml"),
         _F("pcietax_gpu_pcie_transmit_bytes_total", "counter", ("gpu", "pci_bus_id", "uuid"),
-           "Bytes the GPU transmitted over PCIe (NVML).", "nvml"),
+           "Bytes the GPU transmitted over PCIe (NVML). Counted by the device when "
+           "pcietax_gpu_info{counter_path=\"field\"}; integrated from GPM rates (gpm) or estimated "
+           "from 20 ms throughput samples (throughput_sampled) otherwise.", "nvml"),
+        _F("pcietax_gpu_info", "gauge", ("gpu", "pci_bus_id", "uuid", "name", "numa_node", "counter_path"),
+           "One per GPU NVML sees; value is 1. counter_path: field (device byte counters), gpm "
+           "(integrated GPM rates), throughput_sampled (estimate from 20 ms samples) or none.", "nvml"),
         # --- PCIe links ----------------------------------------------------------------------
         _F("pcietax_pcie_link_speed_gts", "gauge", ("pci_bus_id", "device_kind", "state"),
            "PCIe link speed in GT/s per lane, state=current (negotiated) or max.", "pcie"),

@@ -31,6 +31,13 @@ class SourceSpec:
     build: Callable[[SourceOptions], Source]
 
 
+def _nvml(o: SourceOptions) -> Source:
+    from .nvml import NvmlSource
+    from .nvml_binding import PynvmlBinding
+
+    return NvmlSource(PynvmlBinding(), sysfs=o.sysfs)
+
+
 def _netdev(o: SourceOptions) -> Source:
     from .netdev import NetdevSource
 
@@ -62,6 +69,7 @@ def _upi(o: SourceOptions) -> Source:
 
 
 SOURCES: list[SourceSpec] = [
+    SourceSpec("nvml", "GPU PCIe bytes, links and link health from NVML (nvidia-ml-py)", _nvml),
     SourceSpec("netdev", "NIC byte counters (/proc/net/dev, each physical NIC once)", _netdev),
     SourceSpec("rdma", "RDMA port data counters (/sys/class/infiniband)", _rdma),
     SourceSpec("procfs", "hard IRQs, softirqs and /proc/stat IRQ time", _procfs),
