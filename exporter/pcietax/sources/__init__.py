@@ -55,11 +55,19 @@ def _pcie(o: SourceOptions) -> Source:
     return PcieSource(sysfs=o.sysfs)
 
 
+def _topology(o: SourceOptions) -> Source:
+    from .topology import TopologySource
+
+    return TopologySource(sysfs=o.sysfs)
+
+
 SOURCES: list[SourceSpec] = [
     SourceSpec("netdev", "NIC byte counters (/proc/net/dev, each physical NIC once)", _netdev),
     SourceSpec("rdma", "RDMA port data counters (/sys/class/infiniband)", _rdma),
     SourceSpec("procfs", "hard IRQs, softirqs and /proc/stat IRQ time", _procfs),
     SourceSpec("pcie", "PCIe link state, ceilings and AER counters (sysfs)", _pcie),
+    SourceSpec("topology", "GPU-NIC PCIe path class and GPUDirect verdict (sysfs, re-read every 60s)",
+               _topology),
 ]
 
 
