@@ -229,3 +229,35 @@ def test_text_matrix_reads_like_nvidia_smi(tmp_path):
             blocked = want == "PIX" and places[g.addr].switch == "switch2"
             assert cell == want + ("*" if blocked else "")
     assert "BLOCKED (acs)" in text and "What to change" in text
+
+
+def test_gpu_without_a_nic_behind_its_switch_is_told_to_move_one(tmp_path):
+    lay = hgx_h100(tmp_path)
+    # Switch 3 (socket 1) loses its NICs: they are not enumerated at all.
+    gone = {p.addr for p in lay.nics if p.switch == "switch3"}
+    for addr in gone:
+        (lay.sysfs / "bus/pci/devices" / addr).unlink()
+    topo = discover(lay.sysfs)
+    nic_places = {p.addr: p for p in lay.nics}
+    for g in lay.gpus:
+        best = topo.best[g.addr]
+        if g.switch == "switch3":
+            # nearest is switch 2's NICs: another host bridge in the same socket
+            assert (best.path, best.gpudirect, best.reason) == ("NODE", "blocked", "path_node")
+            assert nic_places[best.nic_addr].switch == "switch2"
+        else:
+            assert best.gpudirect == "ready"
+    tips = [t for t in to_json(topo)["advice"] if t["reason"] == "path_node"]
+    assert {d for t in tips for d in t["devices"]} >= {g.addr for g in lay.gpus if g.switch == "switch3"}
+    assert all("same switch" in t["text"] for t in tips)
+
+
+def test_degraded_link_is_flagged_and_is_the_bottleneck(tmp_path):
+    lay = hgx_h100(tmp_path)
+    gpu = lay.gpus[0].addr
+    (lay.sysfs / "bus/pci/devices" / gpu / "current_link_width").write_text("8\n")
+    topo = discover(lay.sysfs)
+    tips = [t for t in to_json(topo)["advice"] if t["reason"] == "link"]
+    assert [t["devices"] for t in tips] == [[gpu]]
+    assert "x8" in tips[0]["text"] and "x16" in tips[0]["text"]
+    assert topo.best[gpu].bottleneck == "32 GT/s x8"
