@@ -145,7 +145,7 @@ def pair(tree: Tree, g: PciDev, n: PciDev) -> Pair:
     if g.bar_bytes is None:
         return blocked("unknown_bar", f"{path}: BAR size of GPU {g.addr} unknown")
     if g.bar_bytes < MIN_BAR_BYTES:
-        return blocked("small_bar", f"{path}: GPU {g.addr} exposes only {_size(g.bar_bytes)} of BAR "
+        return blocked("small_bar", f"{path}: GPU {g.addr} exposes only {human_size(g.bar_bytes)} of BAR "
                                     "for peers to map")
     return Pair(**base, path=path, gpudirect="ready", reason="none", detail=f"{path}: {detail}", **extra)
 
@@ -182,7 +182,7 @@ def _bus(addr: str) -> int:
     return (int(dom, 16) << 8) | int(bus, 16)
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:
             return f"{n / (1 << shift):g} {unit}"

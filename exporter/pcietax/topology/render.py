@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import Topology
-from .paths import GDR_LEVELS, Pair, _size
+from .paths import GDR_LEVELS, Pair, human_size
 from .sysfs import PciDev
 
 LEGEND = """\
@@ -55,7 +55,7 @@ def render_text(t: Topology) -> str:
         out.append(" " * 8 + "".join(h.ljust(w) for h in heads) + "NUMA  BAR1       IOMMU")
         for i, g in enumerate(t.gpus):
             cells = "".join(_cell(by_pair[(g.addr, n.addr)]).ljust(w) for n in t.nics)
-            bar = _size(g.bar_bytes) if g.bar_bytes else "?"
+            bar = human_size(g.bar_bytes) if g.bar_bytes else "?"
             iommu = f"{g.iommu_group}:{g.iommu_type or '?'}" if g.iommu_group else "off"
             out.append(f"GPU{i}".ljust(8) + cells + _numa(g).ljust(6) + bar.ljust(11) + iommu)
         out.append("")
@@ -72,7 +72,7 @@ def render_text(t: Topology) -> str:
         out.append("GPUs (numbered in PCI order, as NVML does by default):")
         for i, g in enumerate(t.gpus):
             out.append(f"  GPU{i:<3} {g.addr}  {_hex4(g.vendor)}:{_hex4(g.device)}  NUMA {_numa(g):<2} "
-                       f"{g.link or 'link ?'}  BAR1 {_size(g.bar_bytes) if g.bar_bytes else '?'}")
+                       f"{g.link or 'link ?'}  BAR1 {human_size(g.bar_bytes) if g.bar_bytes else '?'}")
     if t.best:
         out.append("")
         out.append("GPUDirect RDMA, best NIC per GPU:")
@@ -126,9 +126,9 @@ def advice(t: Topology) -> list[dict[str, Any]]:
             unknown_acs.update(p.acs_unknown)
         elif p.reason == "small_bar":
             add("small_bar", [g.addr],
-                f"GPU {g.addr} exposes only {_size(g.bar_bytes or 0)} of BAR1: enable 'Above 4G decoding' "
-                "and 'Resizable BAR' in the BIOS (and the compute / large-BAR1 mode on GPUs that have a "
-                "display mode switch).")
+                f"GPU {g.addr} exposes only {human_size(g.bar_bytes or 0)} of BAR1: enable "
+                "'Above 4G decoding' and 'Resizable BAR' in the BIOS (and the compute / large-BAR1 mode "
+                "on GPUs that have a display mode switch).")
         elif p.reason == "unknown_bar":
             add("unknown_bar", [g.addr],
                 f"BAR sizes of GPU {g.addr} could not be read ({'; '.join(g.problems) or 'resource'}).")
