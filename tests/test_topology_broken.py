@@ -226,3 +226,34 @@ def test_unprivileged_reader_meets_permission_denied(tmp_path):
         assert (pair["gpudirect"], pair["reason"]) == ("blocked", "unknown_acs")
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_any_single_corrupted_file_never_raises(tmp_path):
+    """Each of a fixed sample of the tree's files, in turn, becomes garbage bytes, a directory,
+    a dangling link, or disappears: the walk, the verdicts and both renderings always finish."""
+    import random
+
+    lay = hgx_h100(tmp_path)
+    files = sorted(p for p in lay.sysfs.rglob("*") if p.is_file() and not p.is_symlink())
+    rng = random.Random(5)
+    for i, f in enumerate(rng.sample(files, 28)):
+        saved = f.read_bytes()
+        mode = i % 4
+        f.unlink()
+        if mode == 0:
+            f.write_bytes(bytes(rng.randrange(256) for _ in range(rng.choice((0, 3, 64, 300)))))
+        elif mode == 1:
+            f.mkdir()
+        elif mode == 2:
+            f.symlink_to("nowhere")
+        try:
+            topo = discover(lay.sysfs)
+            render_text(topo)
+            json.dumps(to_json(topo))
+            assert len(topo.tree.devices) == 43, f
+        finally:
+            if f.is_dir() and not f.is_symlink():
+                f.rmdir()
+            elif f.exists() or f.is_symlink():
+                f.unlink()
+            f.write_bytes(saved)
