@@ -101,6 +101,10 @@ FAMILIES: dict[str, Family] = {
         _F("pcietax_gpu_nic_path_info", "gauge", ("gpu", "nic", "path", "gpudirect", "reason"),
            "Topology verdict per GPU-NIC pair: path class and whether GPUDirect RDMA can work.",
            "topology"),
+        _F("pcietax_gpu_best_nic_info", "gauge", ("gpu", "nic", "path", "gpudirect", "reason"),
+           "Each GPU's best NIC (ready first, then the shortest path) with its verdict; "
+           "gpudirect=\"blocked\" means no NIC on the node can reach this GPU peer-to-peer.",
+           "topology"),
         # --- the exporter itself -------------------------------------------------------------
         _F("pcietax_source_up", "gauge", ("source",),
            "1 when the source works, 0 when it is down (the reason is logged).", "self"),

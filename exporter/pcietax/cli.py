@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from . import __version__
+from . import __version__, topo_cli
 from .sources import SourceOptions
 
 log = logging.getLogger("pcietax")
@@ -224,6 +224,7 @@ def _commands() -> dict[str, tuple[AddParser, Run]]:
         "serve": (_add_serve, cmd_serve),
         "calc": (_add_calc, cmd_calc),
         "metrics": (_add_metrics, cmd_metrics),
+        "topo": (topo_cli.add_parser, topo_cli.run),
     }
 
 
