@@ -65,8 +65,8 @@ fi
 stamp="$VENV/.pcietax-installed"
 sources_hash=$(cat pyproject.toml $(git ls-files exporter ebpf 2>/dev/null || find exporter ebpf -type f) 2>/dev/null \
   | sha256sum | cut -c1-16)
-extras="nvml"
-((want_test)) && extras="nvml,test"
+extras="nvml,otlp"
+((want_test)) && extras="nvml,otlp,test"
 if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "$sources_hash $extras" ]]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check ".[$extras]"
   echo "$sources_hash $extras" >"$stamp"

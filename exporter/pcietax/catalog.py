@@ -38,9 +38,16 @@ FAMILIES: dict[str, Family] = {
            "1 when the hop has a working source and is included in the ratio, 0 when absent.", "model"),
         # --- GPU (NVML) ----------------------------------------------------------------------
         _F("pcietax_gpu_pcie_receive_bytes_total", "counter", ("gpu", "pci_bus_id", "uuid"),
-           "Bytes the GPU received over PCIe (NVML).", "nvml"),
+           "Bytes the GPU received over PCIe (NVML). Counted by the device when "
+           "pcietax_gpu_info{counter_path=\"field\"}; integrated from GPM rates (gpm) or estimated "
+           "from 20 ms throughput samples (throughput_sampled) otherwise.", "nvml"),
         _F("pcietax_gpu_pcie_transmit_bytes_total", "counter", ("gpu", "pci_bus_id", "uuid"),
-           "Bytes the GPU transmitted over PCIe (NVML).", "nvml"),
+           "Bytes the GPU transmitted over PCIe (NVML). Counted by the device when "
+           "pcietax_gpu_info{counter_path=\"field\"}; integrated from GPM rates (gpm) or estimated "
+           "from 20 ms throughput samples (throughput_sampled) otherwise.", "nvml"),
+        _F("pcietax_gpu_info", "gauge", ("gpu", "pci_bus_id", "uuid", "name", "numa_node", "counter_path"),
+           "One per GPU NVML sees; value is 1. counter_path: field (device byte counters), gpm "
+           "(integrated GPM rates), throughput_sampled (estimate from 20 ms samples) or none.", "nvml"),
         # --- PCIe links ----------------------------------------------------------------------
         _F("pcietax_pcie_link_speed_gts", "gauge", ("pci_bus_id", "device_kind", "state"),
            "PCIe link speed in GT/s per lane, state=current (negotiated) or max.", "pcie"),
@@ -83,10 +90,20 @@ FAMILIES: dict[str, Family] = {
            "or irq_coarse/softirq_coarse (all IRQ and softirq time from /proc/stat).", "procfs"),
         # --- socket interconnect -------------------------------------------------------------
         _F("pcietax_upi_bytes_total", "counter", ("socket", "link", "direction"),
-           "Data bytes crossing the CPU socket interconnect (UPI data flits x 64/9).", "upi"),
+           "Data bytes crossing the CPU socket interconnect (UPI data flits x 64/9), direction=rx/tx "
+           "as seen by this socket's end of the link (a crossing is tx on one socket, rx on the other).",
+           "upi"),
+        _F("pcietax_iio_bytes_total", "counter", ("socket", "stack", "port", "pci_bus", "direction"),
+           "Bytes through each PCIe root port of the CPU (IIO free-running counters x the kernel's "
+           "scale), direction=rx (device to CPU) or tx (CPU to device); pci_bus is the stack's root "
+           "bus. Peer-to-peer traffic below a switch never reaches these counters.", "upi"),
         # --- topology ------------------------------------------------------------------------
         _F("pcietax_gpu_nic_path_info", "gauge", ("gpu", "nic", "path", "gpudirect", "reason"),
            "Topology verdict per GPU-NIC pair: path class and whether GPUDirect RDMA can work.",
+           "topology"),
+        _F("pcietax_gpu_best_nic_info", "gauge", ("gpu", "nic", "path", "gpudirect", "reason"),
+           "Each GPU's best NIC (ready first, then the shortest path) with its verdict; "
+           "gpudirect=\"blocked\" means no NIC on the node can reach this GPU peer-to-peer.",
            "topology"),
         # --- the exporter itself -------------------------------------------------------------
         _F("pcietax_source_up", "gauge", ("source",),

@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from . import __version__
+from . import __version__, top, topo_cli
 from .sources import SourceOptions
 
 log = logging.getLogger("pcietax")
@@ -59,6 +59,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="window of the live tax ratio (default 10s)")
     p.add_argument("--collect.interval", dest="collect_interval", type=_duration, default=1.0,
                    help="how often sources are read (default 1s); scrapes render the latest read")
+    p.add_argument("--otlp.endpoint", dest="otlp_endpoint", default=None, metavar="URL",
+                   help="also push the same metrics over OTLP/HTTP, e.g. http://collector:4318/v1/metrics")
+    p.add_argument("--otlp.interval", dest="otlp_interval", type=_duration, default=15.0,
+                   help="OTLP push interval (default 15s)")
+    p.add_argument("--otlp.header", dest="otlp_header", action="append", default=[], metavar="KEY=VALUE",
+                   help="HTTP header for OTLP pushes (repeatable), e.g. an auth token")
     p.add_argument("--log.level", dest="log_level", default="info",
                    choices=("debug", "info", "warn", "error"))
 
@@ -166,6 +172,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"pcietax serve: cannot listen on {args.listen}: {e.strerror}; "
               "pick another --web.listen-address", file=sys.stderr)
         return 2
+    otlp = None
+    if args.otlp_endpoint:
+        from .sinks.otlp import OtlpSink, OtlpUnavailable
+
+        headers = dict(h.split("=", 1) for h in args.otlp_header if "=" in h)
+        bad = [h for h in args.otlp_header if "=" not in h]
+        if bad or not re.match(r"^https?://", args.otlp_endpoint):
+            print(f"pcietax serve: --otlp.endpoint must be an http(s) URL and --otlp.header KEY=VALUE; "
+                  f"got {args.otlp_endpoint!r} {bad or ''}", file=sys.stderr)
+            server.server_close()
+            return 2
+        try:
+            otlp = OtlpSink(engine.frame, [s.name for s in enabled], args.otlp_endpoint,
+                            args.otlp_interval, headers)
+        except OtlpUnavailable as e:
+            print(f"pcietax serve: {e}", file=sys.stderr)
+            server.server_close()
+            return 2
     engine.start_sources()
     engine.run_in_background(args.collect_interval)
     log.info("listening on %s (%s)", args.listen, "TLS" if web and web.ssl_context else "plain HTTP")
@@ -182,6 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        if otlp is not None:
+            otlp.close()  # a last push with the final counters
         engine.close()  # detaches every probe before we exit
         server.server_close()
     return 0
@@ -194,13 +220,12 @@ Run = Callable[[argparse.Namespace], int]
 def _commands() -> dict[str, tuple[AddParser, Run]]:
     """Subcommands: each is (add its parser, run it). A subcommand that lives in its own module
     exposes ``add_parser(sub)`` and ``run(args)`` and is listed here with one line."""
-    from . import top
-
     return {
         "serve": (_add_serve, cmd_serve),
         "calc": (_add_calc, cmd_calc),
         "metrics": (_add_metrics, cmd_metrics),
         "top": (top.add_parser, top.run),
+        "topo": (topo_cli.add_parser, topo_cli.run),
     }
 
 

@@ -166,7 +166,8 @@ def _route(d: _Deltas, fam: str, labels: dict[str, str], delta: float, p2p_gpus:
         d.gpu_all[x] += delta
         if labels.get("pci_bus_id") in p2p_gpus:
             d.gpu_p2p_capable[x] += delta
-    elif fam == UPI:
+    elif fam == UPI and labels.get("direction") == "rx":
+        # Each crossing is tx on one socket and rx on the other: count it once.
         d.upi += delta
 
 

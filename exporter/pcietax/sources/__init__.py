@@ -31,6 +31,13 @@ class SourceSpec:
     build: Callable[[SourceOptions], Source]
 
 
+def _nvml(o: SourceOptions) -> Source:
+    from .nvml import NvmlSource
+    from .nvml_binding import PynvmlBinding
+
+    return NvmlSource(PynvmlBinding(), sysfs=o.sysfs)
+
+
 def _netdev(o: SourceOptions) -> Source:
     from .netdev import NetdevSource
 
@@ -55,11 +62,27 @@ def _pcie(o: SourceOptions) -> Source:
     return PcieSource(sysfs=o.sysfs)
 
 
+def _topology(o: SourceOptions) -> Source:
+    from .topology import TopologySource
+
+    return TopologySource(sysfs=o.sysfs)
+
+
+def _upi(o: SourceOptions) -> Source:
+    from .upi import UpiSource
+
+    return UpiSource(sysfs=o.sysfs, procfs=o.procfs)
+
+
 SOURCES: list[SourceSpec] = [
+    SourceSpec("nvml", "GPU PCIe bytes, links and link health from NVML (nvidia-ml-py)", _nvml),
     SourceSpec("netdev", "NIC byte counters (/proc/net/dev, each physical NIC once)", _netdev),
     SourceSpec("rdma", "RDMA port data counters (/sys/class/infiniband)", _rdma),
     SourceSpec("procfs", "hard IRQs, softirqs and /proc/stat IRQ time", _procfs),
     SourceSpec("pcie", "PCIe link state, ceilings and AER counters (sysfs)", _pcie),
+    SourceSpec("topology", "GPU-NIC PCIe path class and GPUDirect verdict (sysfs, re-read every 60s)",
+               _topology),
+    SourceSpec("upi", "UPI socket-link and IIO root-port bytes (Intel uncore PMUs via perf)", _upi),
 ]
 
 
