@@ -4,12 +4,16 @@ exporter-toolkit), and relative paths are relative to the file itself."""
 
 from __future__ import annotations
 
+import logging
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("pcietax")
 
 
 class WebConfigError(ValueError):
@@ -34,6 +38,33 @@ _TLS_KEYS = {
     "cipher_suites", "curve_preferences", "prefer_server_cipher_suites", "client_allowed_sans",
 }
 _HTTP_KEYS = {"http2", "headers"}
+# Go's names (what exporter-toolkit configs carry) -> OpenSSL's, for the TLS 1.2 suites Go offers.
+# TLS 1.3 suites are not configurable, as in Go.
+CIPHER_SUITES = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+}
+CURVES = {"CurveP256", "CurveP384", "CurveP521", "X25519"}
+# $2a$/$2b$/$2y$, a two-digit cost, then 22 salt + 31 hash characters of bcrypt's base64.
+_BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+_FIX_HASH = (
+    "make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'` or python3 -c 'import bcrypt; "
+    "print(bcrypt.hashpw(b\"secret\", bcrypt.gensalt()).decode())'"
+)
 _TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
 
 
@@ -42,49 +73,71 @@ class WebConfig:
     ssl_context: ssl.SSLContext | None = None
     users: dict[str, bytes] = field(default_factory=dict)  # user -> bcrypt hash
     headers: dict[str, str] = field(default_factory=dict)
+    # Client certificates must carry one of these SANs (DNS, email, IP or URI); empty: any.
+    client_allowed_sans: frozenset[str] = frozenset()
+
+
+def _err(path: Path, what: str) -> WebConfigError:
+    return WebConfigError(f"--web.config.file {path}: {what}")
+
+
+def _mapping(path: Path, section: str, value: Any, fix: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _err(path, f"{section} must be a mapping ({fix}), got {type(value).__name__} {value!r}")
+    return value
 
 
 def _check_keys(section: str, got: dict[str, Any], allowed: set[str], path: Path) -> None:
-    unknown = sorted(set(got) - allowed)
+    unknown = sorted(str(k) for k in set(got) - allowed)
     if unknown:
-        raise WebConfigError(
-            f"{path}: unknown field(s) {unknown} in {section or 'top level'}; allowed: {sorted(allowed)}"
-        )
+        raise _err(path, f"unknown field(s) {unknown} in {section or 'the top level'}; "
+                         f"allowed: {sorted(allowed)}")
 
 
 def load(path: str | Path) -> WebConfig:
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text())
     except OSError as e:
-        raise WebConfigError(f"--web.config.file: cannot read {p}: {e.strerror}") from e
+        raise _err(p, f"cannot read it: {e.strerror}; give a readable file or drop the flag") from e
+    except UnicodeDecodeError as e:
+        raise _err(p, f"is not UTF-8 text: {e}") from e
     except yaml.YAMLError as e:
-        raise WebConfigError(f"--web.config.file: {p} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise WebConfigError(f"--web.config.file: {p} must be a YAML mapping")
+        raise _err(p, f"is not valid YAML: {e}") from e
+    raw = _mapping(p, "the file", raw, "tls_server_config, http_server_config, basic_auth_users")
     _check_keys("", raw, _TOP_KEYS, p)
     cfg = WebConfig()
-    tls = raw.get("tls_server_config")
-    if tls:
-        if not isinstance(tls, dict):
-            raise WebConfigError(f"{p}: tls_server_config must be a mapping")
-        _check_keys("tls_server_config", tls, _TLS_KEYS, p)
+    tls = _mapping(p, "tls_server_config", raw.get("tls_server_config"), "cert_file, key_file, ...")
+    _check_keys("tls_server_config", tls, _TLS_KEYS, p)
+    # As in exporter-toolkit: TLS is on when a certificate is given; an empty section means plain HTTP.
+    if any(tls.get(k) for k in ("cert_file", "key_file", "client_ca_file")):
         cfg.ssl_context = _ssl_context(tls, p.parent, p)
-    http = raw.get("http_server_config") or {}
+        sans = tls.get("client_allowed_sans") or []
+        if not isinstance(sans, list):
+            raise _err(p, "tls_server_config.client_allowed_sans must be a list of names")
+        if sans and cfg.ssl_context.verify_mode == ssl.CERT_NONE:
+            raise _err(p, "tls_server_config.client_allowed_sans needs client certificates; "
+                          "set client_auth_type: RequireAndVerifyClientCert")
+        cfg.client_allowed_sans = frozenset(str(x) for x in sans)
+    http = _mapping(p, "http_server_config", raw.get("http_server_config"), "headers, http2")
     _check_keys("http_server_config", http, _HTTP_KEYS, p)
-    cfg.headers = {str(k): str(v) for k, v in (http.get("headers") or {}).items()}
-    users = raw.get("basic_auth_users") or {}
-    if not isinstance(users, dict):
-        raise WebConfigError(f"{p}: basic_auth_users must map user names to bcrypt hashes")
+    headers = _mapping(p, "http_server_config.headers", http.get("headers"), "header name: value")
+    for k, v in headers.items():
+        if (not isinstance(v, (str, int, float)) or not re.fullmatch(r"[!-9;-~]+", str(k))
+                or any(c in str(v) for c in "\r\n")):
+            # A newline would let the config inject raw HTTP into every response.
+            raise _err(p, f"http_server_config.headers.{k}: needs a header name and a one-line value")
+    cfg.headers = {str(k): str(v) for k, v in headers.items()}
+    users = _mapping(p, "basic_auth_users", raw.get("basic_auth_users"), "user name: bcrypt hash")
     for user, h in users.items():
-        hs = str(h)
-        if not hs.startswith(("$2a$", "$2b$", "$2y$")):
-            raise WebConfigError(
-                f"{p}: basic_auth_users.{user} is not a bcrypt hash; make one with "
-                "`htpasswd -nBC 10 \"\" | tr -d ':\\n'` or python3 -c 'import bcrypt; "
-                "print(bcrypt.hashpw(b\"secret\", bcrypt.gensalt()).decode())'"
-            )
-        cfg.users[str(user)] = hs.encode()
+        m = _BCRYPT.fullmatch(str(h))
+        if not m or not 4 <= int(m.group(1)) <= 31:
+            raise _err(p, f"basic_auth_users.{user} is not a bcrypt hash; {_FIX_HASH}")
+        if ":" in str(user):
+            raise _err(p, f"basic_auth_users: user name {user!r} cannot contain ':' (HTTP basic auth)")
+        cfg.users[str(user)] = str(h).encode()
     return cfg
 
 
@@ -95,27 +148,65 @@ def _resolve(base: Path, value: Any) -> str:
 
 def _ssl_context(tls: dict[str, Any], base: Path, path: Path) -> ssl.SSLContext:
     if not tls.get("cert_file") or not tls.get("key_file"):
-        raise WebConfigError(f"{path}: tls_server_config needs both cert_file and key_file")
+        raise _err(path, "tls_server_config needs both cert_file and key_file (PEM paths, relative "
+                         "to this file)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert, key = _resolve(base, tls["cert_file"]), _resolve(base, tls["key_file"])
     try:
-        ctx.load_cert_chain(_resolve(base, tls["cert_file"]), _resolve(base, tls["key_file"]))
-    except (OSError, ssl.SSLError) as e:
-        raise WebConfigError(f"{path}: cannot load cert_file/key_file: {e}") from e
-    ctx.minimum_version = _version(tls.get("min_version", "TLS12"), "min_version", path)
-    if "max_version" in tls:
+        ctx.load_cert_chain(cert, key)
+    # SSLError is an OSError: catch it first.
+    except ssl.SSLError as e:
+        raise _err(path, f"tls_server_config.cert_file {cert} / key_file {key}: not a matching PEM "
+                         f"certificate and key: {e}") from e
+    except OSError as e:
+        raise _err(path, f"tls_server_config.cert_file/key_file: cannot read {e.filename or cert}: "
+                         f"{e.strerror}") from e
+    ctx.minimum_version = _version(tls.get("min_version") or "TLS12", "min_version", path)
+    if tls.get("max_version"):
         ctx.maximum_version = _version(tls["max_version"], "max_version", path)
-    auth = tls.get("client_auth_type", "NoClientCert")
+        if ctx.maximum_version < ctx.minimum_version:
+            raise _err(path, f"tls_server_config.max_version {tls['max_version']} is below min_version "
+                             f"{tls.get('min_version') or 'TLS12'}; no client could connect")
+    auth = tls.get("client_auth_type") or "NoClientCert"
     if auth not in CLIENT_AUTH:
-        raise WebConfigError(f"{path}: client_auth_type {auth!r} is not one of {sorted(CLIENT_AUTH)}")
+        raise _err(path, f"tls_server_config.client_auth_type {auth!r} is not one of {sorted(CLIENT_AUTH)}")
     ctx.verify_mode = CLIENT_AUTH[auth]
+    ca = tls.get("client_ca_file")
+    if ca and ctx.verify_mode == ssl.CERT_NONE:
+        # exporter-toolkit refuses this too: a CA without a policy would silently verify nothing.
+        raise _err(path, "tls_server_config.client_ca_file is set but client_auth_type is "
+                         "NoClientCert; set client_auth_type: RequireAndVerifyClientCert")
     if ctx.verify_mode != ssl.CERT_NONE:
-        ca = tls.get("client_ca_file")
         if not ca:
-            raise WebConfigError(f"{path}: client_auth_type {auth} needs client_ca_file")
+            # Python's ssl cannot accept a client certificate without verifying it, so every mode
+            # that asks for one verifies it against client_ca_file.
+            raise _err(path, f"tls_server_config.client_auth_type {auth} needs client_ca_file "
+                             "(the CA that signs client certificates)")
         try:
             ctx.load_verify_locations(_resolve(base, ca))
-        except (OSError, ssl.SSLError) as e:
-            raise WebConfigError(f"{path}: cannot load client_ca_file: {e}") from e
+        except ssl.SSLError as e:
+            raise _err(path, f"tls_server_config.client_ca_file {_resolve(base, ca)}: not a PEM CA "
+                             f"certificate: {e}") from e
+        except OSError as e:
+            raise _err(path, f"tls_server_config.client_ca_file: cannot read {_resolve(base, ca)}: "
+                             f"{e.strerror}") from e
+    suites = tls.get("cipher_suites") or []
+    if suites:
+        bad = [c for c in suites if c not in CIPHER_SUITES]
+        if bad:
+            raise _err(path, f"tls_server_config.cipher_suites: unknown {bad}; known (Go names): "
+                             f"{sorted(CIPHER_SUITES)}")
+        ctx.set_ciphers(":".join(CIPHER_SUITES[c] for c in suites))
+    if tls.get("prefer_server_cipher_suites", True):
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    curves = tls.get("curve_preferences") or []
+    bad = [c for c in curves if c not in CURVES]
+    if bad:
+        raise _err(path, f"tls_server_config.curve_preferences: unknown {bad}; known: {sorted(CURVES)}")
+    if curves:
+        # Python's ssl can pin one ECDH curve but not order several; OpenSSL's defaults cover all four.
+        log.warning("--web.config.file %s: curve_preferences is accepted but OpenSSL's default "
+                    "order is used", path)
     return ctx
 
 
@@ -123,4 +214,4 @@ def _version(v: Any, key: str, path: Path) -> ssl.TLSVersion:
     try:
         return TLS_VERSIONS[str(v)]
     except KeyError:
-        raise WebConfigError(f"{path}: {key} {v!r} is not one of {sorted(TLS_VERSIONS)}") from None
+        raise _err(path, f"tls_server_config.{key} {v!r} is not one of {sorted(TLS_VERSIONS)}") from None
