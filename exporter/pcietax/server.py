@@ -71,6 +71,12 @@ class _AuthCache:
         return ok
 
 
+def _san_allowed(cert: dict[str, Any] | None, allowed: frozenset[str]) -> bool:
+    """exporter-toolkit's client_allowed_sans: any DNS, email, IP or URI SAN of the client's leaf."""
+    sans = {str(v).strip() for _kind, v in (cert or {}).get("subjectAltName", ())}
+    return bool(sans & allowed)
+
+
 _DUMMY = bcrypt.hashpw(b"pcietax-dummy", bcrypt.gensalt(rounds=4))
 
 
@@ -90,6 +96,11 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver's default prints a traceback to stderr; one debug line is enough for a
+        # client that went away.
+        log.debug("request from %s failed", client_address, exc_info=True)
+
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
         if self._ctx is not None:
@@ -107,16 +118,21 @@ def make_server(
         server_version = f"pcietax/{__version__}"
         timeout = 30
 
-        def setup(self) -> None:
-            super().setup()
-            if isinstance(self.connection, ssl.SSLSocket):
-                self.connection.settimeout(10)
-                self.connection.do_handshake()
-
         def handle(self) -> None:
+            # The handshake runs here, not in setup(): an exception there escapes to
+            # socketserver's handle_error, which prints a traceback for every plain-HTTP probe
+            # or client without a certificate.
             try:
+                if isinstance(self.connection, ssl.SSLSocket):
+                    self.connection.do_handshake()
+                    if web.client_allowed_sans and not _san_allowed(
+                        self.connection.getpeercert(), web.client_allowed_sans
+                    ):
+                        log.info("client %s: certificate SAN not in client_allowed_sans",
+                                 self.client_address[0])
+                        return
                 super().handle()
-            except (ssl.SSLError, ConnectionError, TimeoutError) as e:
+            except (ssl.SSLError, OSError) as e:
                 log.debug("connection from %s closed: %s", self.client_address, e)
 
         def log_message(self, format: str, *args: Any) -> None:
