@@ -223,6 +223,9 @@ http_server_config:
         assert hdr["x-content-type-options"] == "nosniff"
         # Twice: the second answer comes from the cache of verified credentials.
         assert get(port, headers=basic("prom", PASSWORD))[0] == 200
+        # The scheme is case-insensitive (RFC 7617); curl and Go accept "basic".
+        lower = {"Authorization": basic("prom", PASSWORD)["Authorization"].replace("Basic", "basic")}
+        assert get(port, headers=lower)[0] == 200
         rejected = [
             {},
             basic("prom", "wrong"),

@@ -51,10 +51,11 @@ class _AuthCache:
     def check(self, header: str | None) -> bool:
         if not self._users:
             return True
-        if not header or not header.startswith("Basic "):
+        # The scheme name is case-insensitive (RFC 7617), as in Go's Request.BasicAuth.
+        if not header or header[:6].lower() != "basic ":
             return False
         try:
-            user, _, pw = b64decode(header[6:], validate=True).decode().partition(":")
+            user, _, pw = b64decode(header[6:].strip(), validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
         digest = hashlib.sha256(f"{user}\0{pw}".encode()).digest()
