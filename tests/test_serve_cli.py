@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import os
 import signal
 import socket
 import ssl
@@ -111,3 +112,23 @@ def test_serve_tls_and_basic_auth_then_sigterm(tmp_path):
     assert proc.returncode == 0, err
     assert "listening on 127.0.0.1" in err and "(TLS)" in err
     assert "Traceback" not in err, err
+
+
+def test_unreadable_web_config_exits_2(tmp_path):
+    """Permission denied, for real: root reads anything, so as root the exporter runs as nobody."""
+    cfg = tmp_path / "web.yml"
+    cfg.write_text("basic_auth_users: {}\n")
+    cfg.chmod(0)
+    tmp_path.chmod(0o755)
+    as_user: dict[str, int] = {}
+    if os.geteuid() == 0:
+        as_user = {"user": 65534, "group": 65534}
+        probe = subprocess.run([*pcietax_cmd(), "--version"], env=pcietax_env(), capture_output=True,
+                               timeout=60, **as_user)
+        if probe.returncode:
+            pytest.skip("this checkout is not readable by nobody, so permissions cannot be tested as root")
+    r = subprocess.run([*pcietax_cmd(), "serve", "--web.listen-address=127.0.0.1:0",
+                        f"--web.config.file={cfg}"], env=pcietax_env(), capture_output=True, text=True,
+                       timeout=60, **as_user)
+    assert r.returncode == 2, r.stderr
+    assert f"--web.config.file {cfg}: cannot read it: Permission denied" in r.stderr
