@@ -158,6 +158,23 @@ def test_client_certificates_required_and_verified(tmp_path, pki, engine):
         assert get(port, ctx=client_ctx(pki, cert=True))[0] == 200
 
 
+def test_inline_pem_serves_the_same_as_files(tmp_path, pki, engine):
+    ind = lambda f: "\n".join("    " + ln for ln in f.read_text().splitlines())  # noqa: E731
+    web = web_config(tmp_path, f"""tls_server_config:
+  cert: |
+{ind(pki.server_cert)}
+  key: |
+{ind(pki.server_key)}
+  client_ca: |
+{ind(pki.ca)}
+  client_auth_type: RequireAndVerifyClientCert
+""")
+    with serving(engine, web) as port:
+        assert get(port, ctx=client_ctx(pki, cert=True))[0] == 200
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            get(port, ctx=client_ctx(pki))
+
+
 def test_verify_client_cert_if_given(tmp_path, pki, engine):
     web = web_config(tmp_path, f"""tls_server_config:
   cert_file: {pki.server_cert}

@@ -52,6 +52,22 @@ def test_full_config_loads(tmp_path, pki):
     assert cfg.client_allowed_sans == {"scraper.example"}
 
 
+def test_inline_pem_and_the_old_client_auth_name(tmp_path, pki):
+    cfg = load(write(tmp_path, {"tls_server_config": {
+        "cert": pki.server_cert.read_text(), "key": pki.server_key.read_text(),
+        "client_ca": pki.ca.read_text(), "client_auth_type": "RequireClientCert"}}))
+    assert cfg.ssl_context is not None and cfg.ssl_context.verify_mode == ssl.CERT_REQUIRED
+    assert len(cfg.ssl_context.get_ca_certs()) == 1
+    # Only the config file itself is watched when everything is inline.
+    assert cfg.files == (tmp_path / "web.yml",)
+
+
+def test_files_lists_what_a_reload_must_watch(tmp_path, pki):
+    path = write(tmp_path, {"tls_server_config": tls(pki, client_auth_type="RequireAndVerifyClientCert",
+                                                     client_ca_file=str(pki.ca))})
+    assert load(path).files == (path, pki.server_cert, pki.server_key, pki.ca)
+
+
 def test_relative_paths_are_relative_to_the_config_file(tmp_path, pki):
     # The config lives next to the PEM files and names them bare, as exporter-toolkit allows.
     cfg = load(write(pki.dir, {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"}},
@@ -73,7 +89,16 @@ def bad_cases(pki: Pki, tmp: Path) -> list[tuple[object, list[str]]]:
         ({"tls_server_config": tls(pki), "extra": 1}, ["unknown field", "'extra'", "allowed"]),
         ({"tls_server_config": tls(pki, cert_fil="x")}, ["unknown field", "'cert_fil'", "tls_server_config"]),
         ({"http_server_config": {"header": {}}}, ["unknown field", "'header'", "http_server_config"]),
-        ({"tls_server_config": {"cert_file": str(pki.server_cert)}}, ["cert_file and key_file"]),
+        ({"tls_server_config": {"cert_file": str(pki.server_cert)}}, ["needs key_file", "key (inline"]),
+        ({"tls_server_config": {"key_file": str(pki.server_key)}}, ["needs cert_file", "cert (inline"]),
+        ({"tls_server_config": {"client_auth_type": "RequireAndVerifyClientCert"}}, ["needs cert_file"]),
+        ({"tls_server_config": tls(pki, cert=pki.server_cert.read_text())}, ["cert_file or cert, not both"]),
+        ({"tls_server_config": {"cert": "garbage", "key": "garbage"}}, ["not a matching PEM"]),
+        ({"tls_server_config": tls(pki, client_auth_type="RequireAndVerifyClientCert",
+                                   client_ca_file=str(pki.ca), client_ca=pki.ca.read_text())},
+         ["client_ca_file or client_ca, not both"]),
+        ({"tls_server_config": tls(pki, client_auth_type="RequireAndVerifyClientCert", client_ca="junk")},
+         ["client_ca", "not a PEM CA"]),
         ({"tls_server_config": tls(pki, cert_file=str(tmp / "missing.crt"))},
          ["cert_file", "missing.crt", "No such file"]),
         ({"tls_server_config": tls(pki, key_file=str(pki.client_key))},
@@ -100,7 +125,12 @@ def bad_cases(pki: Pki, tmp: Path) -> list[tuple[object, list[str]]]:
         ({"tls_server_config": "yes"}, ["tls_server_config must be a mapping"]),
         ({"http_server_config": 5}, ["http_server_config must be a mapping"]),
         ({"http_server_config": {"headers": ["X-A: b"]}}, ["http_server_config.headers must be a mapping"]),
-        ({"http_server_config": {"headers": {"X-A": "b\r\nSet-Cookie: x"}}}, ["headers.X-A", "one-line"]),
+        ({"http_server_config": {"headers": {"X-XSS-Protection": "0\r\nSet-Cookie: x"}}},
+         ["headers.X-XSS-Protection", "one-line"]),
+        ({"http_server_config": {"headers": {"Set-Cookie": "a=b"}}},
+         ["'Set-Cookie' cannot be configured", "Strict-Transport-Security"]),
+        ({"http_server_config": {"headers": {"X-Frame-Options": "allow"}}},
+         ["headers.X-Frame-Options", "'allow'", "['deny', 'sameorigin']"]),
         ({"basic_auth_users": {"prom": "s3cret"}},
          ["basic_auth_users.prom", "not a bcrypt hash", "htpasswd"]),
         ({"basic_auth_users": {"prom": HASH[:-1]}}, ["basic_auth_users.prom", "not a bcrypt hash"]),

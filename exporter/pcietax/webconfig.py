@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
     "RequestClientCert": ssl.CERT_OPTIONAL,
     "RequireAnyClientCert": ssl.CERT_REQUIRED,
+    "RequireClientCert": ssl.CERT_REQUIRED,  # exporter-toolkit's older name for the one above
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
@@ -34,10 +36,20 @@ TLS_VERSIONS = {
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
 _TLS_KEYS = {
-    "cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version",
+    "cert_file", "key_file", "cert", "key", "client_ca", "client_auth_type", "client_ca_file",
+    "min_version", "max_version",
     "cipher_suites", "curve_preferences", "prefer_server_cipher_suites", "client_allowed_sans",
 }
 _HTTP_KEYS = {"http2", "headers"}
+# exporter-toolkit's allow-list (kept the same across the Prometheus ecosystem): header -> allowed
+# values, None for any one-line value.
+HEADERS: dict[str, tuple[str, ...] | None] = {
+    "Strict-Transport-Security": None,
+    "X-Content-Type-Options": ("nosniff",),
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-XSS-Protection": None,
+    "Content-Security-Policy": None,
+}
 # Go's names (what exporter-toolkit configs carry) -> OpenSSL's, for the TLS 1.2 suites Go offers.
 # TLS 1.3 suites are not configurable, as in Go.
 CIPHER_SUITES = {
@@ -75,6 +87,8 @@ class WebConfig:
     headers: dict[str, str] = field(default_factory=dict)
     # Client certificates must carry one of these SANs (DNS, email, IP or URI); empty: any.
     client_allowed_sans: frozenset[str] = frozenset()
+    # The files this config was built from (itself, certificate, key, CA): a change reloads it.
+    files: tuple[Path, ...] = ()
 
 
 def _err(path: Path, what: str) -> WebConfigError:
@@ -108,12 +122,16 @@ def load(path: str | Path) -> WebConfig:
         raise _err(p, f"is not valid YAML: {e}") from e
     raw = _mapping(p, "the file", raw, "tls_server_config, http_server_config, basic_auth_users")
     _check_keys("", raw, _TOP_KEYS, p)
-    cfg = WebConfig()
+    cfg = WebConfig(files=(p,))
     tls = _mapping(p, "tls_server_config", raw.get("tls_server_config"), "cert_file, key_file, ...")
     _check_keys("tls_server_config", tls, _TLS_KEYS, p)
-    # As in exporter-toolkit: TLS is on when a certificate is given; an empty section means plain HTTP.
-    if any(tls.get(k) for k in ("cert_file", "key_file", "client_ca_file")):
+    # As in exporter-toolkit: TLS is on when any certificate setting is given; an empty section
+    # means plain HTTP.
+    if any(tls.get(k) for k in ("cert_file", "key_file", "cert", "key", "client_ca_file", "client_ca",
+                                "client_auth_type")):
         cfg.ssl_context = _ssl_context(tls, p.parent, p)
+        named = ("cert_file", "key_file", "client_ca_file")
+        cfg.files += tuple(Path(_resolve(p.parent, tls[k])) for k in named if tls.get(k))
         sans = tls.get("client_allowed_sans") or []
         if not isinstance(sans, list):
             raise _err(p, "tls_server_config.client_allowed_sans must be a list of names")
@@ -125,10 +143,15 @@ def load(path: str | Path) -> WebConfig:
     _check_keys("http_server_config", http, _HTTP_KEYS, p)
     headers = _mapping(p, "http_server_config.headers", http.get("headers"), "header name: value")
     for k, v in headers.items():
-        if (not isinstance(v, (str, int, float)) or not re.fullmatch(r"[!-9;-~]+", str(k))
-                or any(c in str(v) for c in "\r\n")):
+        if k not in HEADERS:
+            raise _err(p, f"http_server_config.headers: {k!r} cannot be configured; allowed (as in "
+                          f"exporter-toolkit): {sorted(HEADERS)}")
+        allowed = HEADERS[k]
+        if not isinstance(v, str) or any(c in v for c in "\r\n"):
             # A newline would let the config inject raw HTTP into every response.
-            raise _err(p, f"http_server_config.headers.{k}: needs a header name and a one-line value")
+            raise _err(p, f"http_server_config.headers.{k}: needs a one-line text value")
+        if allowed is not None and v not in allowed:
+            raise _err(p, f"http_server_config.headers.{k}: {v!r} is not one of {list(allowed)}")
     cfg.headers = {str(k): str(v) for k, v in headers.items()}
     users = _mapping(p, "basic_auth_users", raw.get("basic_auth_users"), "user name: bcrypt hash")
     for user, h in users.items():
@@ -146,12 +169,29 @@ def _resolve(base: Path, value: Any) -> str:
     return str(q if q.is_absolute() else base / q)
 
 
-def _ssl_context(tls: dict[str, Any], base: Path, path: Path) -> ssl.SSLContext:
-    if not tls.get("cert_file") or not tls.get("key_file"):
-        raise _err(path, "tls_server_config needs both cert_file and key_file (PEM paths, relative "
-                         "to this file)")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert, key = _resolve(base, tls["cert_file"]), _resolve(base, tls["key_file"])
+def _load_cert_chain(ctx: ssl.SSLContext, tls: dict[str, Any], base: Path, path: Path) -> None:
+    """cert_file/key_file, or the inline PEM of ``cert``/``key`` (OpenSSL reads keys only from
+    files, so inline ones go through a private temporary file that is removed at once)."""
+    for a, b in (("cert_file", "cert"), ("key_file", "key")):
+        if tls.get(a) and tls.get(b):
+            raise _err(path, f"tls_server_config: give {a} or {b}, not both")
+        if not tls.get(a) and not tls.get(b):
+            raise _err(path, f"tls_server_config needs {a} (a PEM path, relative to this file) or "
+                             f"{b} (inline PEM); both a certificate and a key are required")
+    with tempfile.TemporaryDirectory(prefix="pcietax-tls-") as tmp:
+        paths = {}
+        for a, b in (("cert_file", "cert"), ("key_file", "key")):
+            if tls.get(a):
+                paths[a] = _resolve(base, tls[a])
+            else:
+                inline = Path(tmp, b)
+                inline.touch(mode=0o600)
+                inline.write_text(str(tls[b]))
+                paths[a] = str(inline)
+        _load_pair(ctx, paths["cert_file"], paths["key_file"], path)
+
+
+def _load_pair(ctx: ssl.SSLContext, cert: str, key: str, path: Path) -> None:
     try:
         ctx.load_cert_chain(cert, key)
     # SSLError is an OSError: catch it first.
@@ -161,6 +201,11 @@ def _ssl_context(tls: dict[str, Any], base: Path, path: Path) -> ssl.SSLContext:
     except OSError as e:
         raise _err(path, f"tls_server_config.cert_file/key_file: cannot read {e.filename or cert}: "
                          f"{e.strerror}") from e
+
+
+def _ssl_context(tls: dict[str, Any], base: Path, path: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _load_cert_chain(ctx, tls, base, path)
     ctx.minimum_version = _version(tls.get("min_version") or "TLS12", "min_version", path)
     if tls.get("max_version"):
         ctx.maximum_version = _version(tls["max_version"], "max_version", path)
@@ -171,22 +216,27 @@ def _ssl_context(tls: dict[str, Any], base: Path, path: Path) -> ssl.SSLContext:
     if auth not in CLIENT_AUTH:
         raise _err(path, f"tls_server_config.client_auth_type {auth!r} is not one of {sorted(CLIENT_AUTH)}")
     ctx.verify_mode = CLIENT_AUTH[auth]
-    ca = tls.get("client_ca_file")
-    if ca and ctx.verify_mode == ssl.CERT_NONE:
+    ca, ca_text = tls.get("client_ca_file"), tls.get("client_ca")
+    if ca and ca_text:
+        raise _err(path, "tls_server_config: give client_ca_file or client_ca, not both")
+    if (ca or ca_text) and ctx.verify_mode == ssl.CERT_NONE:
         # exporter-toolkit refuses this too: a CA without a policy would silently verify nothing.
-        raise _err(path, "tls_server_config.client_ca_file is set but client_auth_type is "
+        raise _err(path, "tls_server_config.client_ca_file (or client_ca) is set but client_auth_type is "
                          "NoClientCert; set client_auth_type: RequireAndVerifyClientCert")
     if ctx.verify_mode != ssl.CERT_NONE:
-        if not ca:
+        if not ca and not ca_text:
             # Python's ssl cannot accept a client certificate without verifying it, so every mode
             # that asks for one verifies it against client_ca_file.
             raise _err(path, f"tls_server_config.client_auth_type {auth} needs client_ca_file "
-                             "(the CA that signs client certificates)")
+                             "(the CA that signs client certificates) or client_ca (inline PEM)")
         try:
-            ctx.load_verify_locations(_resolve(base, ca))
+            if ca_text:
+                ctx.load_verify_locations(cadata=str(ca_text))
+            else:
+                ctx.load_verify_locations(_resolve(base, ca))
         except ssl.SSLError as e:
-            raise _err(path, f"tls_server_config.client_ca_file {_resolve(base, ca)}: not a PEM CA "
-                             f"certificate: {e}") from e
+            raise _err(path, f"tls_server_config.client_ca{'_file ' + _resolve(base, ca) if ca else ''}: "
+                             f"not a PEM CA certificate: {e}") from e
         except OSError as e:
             raise _err(path, f"tls_server_config.client_ca_file: cannot read {_resolve(base, ca)}: "
                              f"{e.strerror}") from e
