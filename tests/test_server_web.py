@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import gzip
 import http.client
+import shutil
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,7 +26,7 @@ from pcietax.model import TaxModel
 from pcietax.server import make_server, parse_listen_address
 from pcietax.sinks.prometheus import PcietaxCollector
 from pcietax.sources.base import Snapshot
-from pcietax.webconfig import WebConfig, load
+from pcietax.webconfig import WebConfig, WebConfigSource, load
 
 PASSWORD = "correct horse"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4))
@@ -373,3 +375,82 @@ def test_ipv6_loopback_listen(engine):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# --- reload without restart (exporter-toolkit re-reads its config for every connection) ---------
+
+
+def poll(check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never held")
+        time.sleep(0.05)
+
+
+def test_rotated_certificate_is_served_without_restart(tmp_path, pki, engine):
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(pki.server_cert, live / "tls.crt")
+    shutil.copy(pki.server_key, live / "tls.key")
+    cfg = tmp_path / "web.yml"
+    cfg.write_text("tls_server_config:\n  cert_file: live/tls.crt\n  key_file: live/tls.key\n")
+    src = WebConfigSource(cfg, interval=0.0)
+    new = make_pki(tmp_path / "new-pki")  # a new CA, as after a CA rotation
+    with serving(engine, src) as port:
+        assert get(port, ctx=client_ctx(pki))[0] == 200
+        # cert-manager style: write the new pair in place (certificate first, then the key).
+        shutil.copy(new.server_cert, live / "tls.crt")
+        shutil.copy(new.server_key, live / "tls.key")
+        poll(lambda: get(port, ctx=client_ctx(new))[0] == 200)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            get(port, ctx=client_ctx(pki))
+
+
+def test_users_reload_and_a_broken_edit_keeps_the_last_good_config(tmp_path, engine, caplog):
+    cfg = tmp_path / "web.yml"
+    cfg.write_text(f"basic_auth_users:\n  prom: '{HASH.decode()}'\n")
+    src = WebConfigSource(cfg, interval=0.0)
+    new_hash = bcrypt.hashpw(b"rotated", bcrypt.gensalt(rounds=4)).decode()
+    with serving(engine, src) as port:
+        assert get(port, headers=basic("prom", PASSWORD))[0] == 200
+        cfg.write_text(f"basic_auth_users:\n  prom: '{new_hash}'\n")
+        poll(lambda: get(port, headers=basic("prom", "rotated"))[0] == 200)
+        assert get(port, headers=basic("prom", PASSWORD))[0] == 401  # the cache was dropped too
+        cfg.write_text("basic_auth_users:\n  prom: not-a-hash\n")
+        with caplog.at_level("ERROR", logger="pcietax"):
+            for _ in range(5):
+                assert get(port, headers=basic("prom", "rotated"))[0] == 200
+        errors = [r for r in caplog.records if "keeping the previous web config" in r.getMessage()]
+        assert len(errors) == 1 and "basic_auth_users.prom is not a bcrypt hash" in errors[0].getMessage()
+
+
+def test_tls_cannot_be_switched_off_by_an_edit(tmp_path, pki, engine, caplog):
+    cfg = tmp_path / "web.yml"
+    cfg.write_text(f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n")
+    src = WebConfigSource(cfg, interval=0.0)
+    with serving(engine, src) as port:
+        cfg.write_text("basic_auth_users: {}\n")
+        with caplog.at_level("ERROR", logger="pcietax"):
+            assert get(port, ctx=client_ctx(pki))[0] == 200
+        assert any("TLS cannot be switched off" in r.getMessage() for r in caplog.records)
+
+
+def test_reload_checks_at_most_once_per_interval(tmp_path):
+    now = [0.0]
+    cfg = tmp_path / "web.yml"
+    cfg.write_text("basic_auth_users: {}\n")
+    src = WebConfigSource(cfg, interval=1.0, clock=lambda: now[0])
+    first = src.current()
+    cfg.write_text(f"basic_auth_users:\n  prom: '{HASH.decode()}'\n")
+    now[0] = 0.5
+    assert src.current() is first  # not yet due: no stat, no reload
+    now[0] = 1.0
+    assert src.current().users == {"prom": HASH}

@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 from base64 import b64decode
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
-from .webconfig import WebConfig
+from .webconfig import WebConfig, WebConfigSource
 
 log = logging.getLogger("pcietax")
 
@@ -85,11 +86,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], handler: Any, ctx: ssl.SSLContext | None) -> None:
+    def __init__(self, addr: tuple[str, int], handler: Any, web: Callable[[], WebConfig]) -> None:
         host = addr[0]
         if (host == "" and socket.has_dualstack_ipv6()) or ":" in host:
             self.address_family = socket.AF_INET6
-        self._ctx = ctx
+        self._web = web
         super().__init__(addr, handler)
 
     def server_bind(self) -> None:
@@ -104,16 +105,30 @@ class _Server(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
-        if self._ctx is not None:
-            sock = self._ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        # The context of the current config: a rotated certificate serves the next connection.
+        ctx = self._web().ssl_context
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
 
 def make_server(
-    address: str, registry: CollectorRegistry, web: WebConfig | None = None
+    address: str, registry: CollectorRegistry, web: WebConfig | WebConfigSource | None = None
 ) -> ThreadingHTTPServer:
-    web = web or WebConfig()
-    auth = _AuthCache(web.users)
+    """``web``: a fixed WebConfig, or a WebConfigSource whose changes apply to new connections."""
+    fixed = web if isinstance(web, WebConfig) else WebConfig()
+    current: Callable[[], WebConfig] = web.current if isinstance(web, WebConfigSource) else lambda: fixed
+    auths: dict[int, tuple[WebConfig, _AuthCache]] = {}
+    auths_lock = threading.Lock()
+
+    def auth_for(cfg: WebConfig) -> _AuthCache:
+        # One cache of verified credentials per config: a reload that changes users starts afresh.
+        with auths_lock:
+            hit = auths.get(id(cfg))
+            if hit is None or hit[0] is not cfg:
+                auths.clear()
+                hit = auths[id(cfg)] = (cfg, _AuthCache(cfg.users))
+            return hit[1]
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"pcietax/{__version__}"
@@ -126,9 +141,8 @@ def make_server(
             try:
                 if isinstance(self.connection, ssl.SSLSocket):
                     self.connection.do_handshake()
-                    if web.client_allowed_sans and not _san_allowed(
-                        self.connection.getpeercert(), web.client_allowed_sans
-                    ):
+                    sans = current().client_allowed_sans
+                    if sans and not _san_allowed(self.connection.getpeercert(), sans):
                         log.info("client %s: certificate SAN not in client_allowed_sans",
                                  self.client_address[0])
                         return
@@ -143,14 +157,14 @@ def make_server(
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
-            for k, v in {**web.headers, **(extra or {})}.items():
+            for k, v in {**current().headers, **(extra or {})}.items():
                 self.send_header(k, v)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
 
         def do_GET(self) -> None:
-            if not auth.check(self.headers.get("Authorization")):
+            if not auth_for(current()).check(self.headers.get("Authorization")):
                 self._send(401, b"Unauthorized\n", "text/plain",
                            {"WWW-Authenticate": 'Basic realm="pcietax"'})
                 return
@@ -172,4 +186,4 @@ def make_server(
         do_HEAD = do_GET
 
     host, port = parse_listen_address(address)
-    return _Server((host, port), Handler, web.ssl_context)
+    return _Server((host, port), Handler, current)

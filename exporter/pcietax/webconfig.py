@@ -8,6 +8,9 @@ import logging
 import re
 import ssl
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,3 +268,69 @@ def _version(v: Any, key: str, path: Path) -> ssl.TLSVersion:
         return TLS_VERSIONS[str(v)]
     except KeyError:
         raise _err(path, f"tls_server_config.{key} {v!r} is not one of {sorted(TLS_VERSIONS)}") from None
+
+
+Signature = tuple[tuple[str, int, int, int], ...]
+
+
+def _signature(files: tuple[Path, ...]) -> Signature:
+    out = []
+    for f in files:
+        try:
+            st = f.stat()  # follows symlinks: a Kubernetes secret update swaps the ..data link
+            out.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((str(f), -1, -1, -1))
+    return tuple(out)
+
+
+class WebConfigSource:
+    """The web config as it is now. Like exporter-toolkit, which re-reads the file for every
+    connection, a change to the file or to a certificate, key or CA it names (cert-manager rotating
+    a certificate in place) takes effect without a restart; here it is noticed by stat() at most
+    once per ``interval``. An edit that does not load is logged and the last good config kept.
+    Whether TLS is on at all is fixed at start, as in exporter-toolkit."""
+
+    def __init__(self, path: str | Path, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self._cfg = load(self.path)  # a bad file at start is an error, not a log line
+        self._sig = _signature(self._cfg.files)
+        self._bad: Signature | None = None
+        self._interval = interval
+        self._clock = clock
+        self._next = clock() + interval
+        self._lock = threading.Lock()
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self.current().ssl_context
+
+    def current(self) -> WebConfig:
+        if self._clock() < self._next:
+            return self._cfg
+        with self._lock:
+            now = self._clock()
+            if now < self._next:
+                return self._cfg
+            self._next = now + self._interval
+            sig = _signature(self._cfg.files)
+            if sig in (self._sig, self._bad):
+                return self._cfg
+            try:
+                new = load(self.path)
+            except WebConfigError as e:
+                # Logged once per broken state; a rotation that writes the certificate and then
+                # the key passes through one such state and recovers at the next check.
+                self._bad = sig
+                log.error("%s; keeping the previous web config until the file is fixed", e)
+                return self._cfg
+            if (new.ssl_context is None) != (self._cfg.ssl_context is None):
+                self._bad = sig
+                log.error("--web.config.file %s: TLS cannot be switched %s while running; restart "
+                          "pcietax; keeping the previous web config", self.path,
+                          "on" if new.ssl_context else "off")
+                return self._cfg
+            self._cfg, self._sig, self._bad = new, _signature(new.files), None
+            log.info("--web.config.file %s: reloaded", self.path)
+            return new
