@@ -303,9 +303,17 @@ def test_paths_gzip_and_openmetrics(engine):
 # --- concurrency -------------------------------------------------------------------------------
 
 
-def test_concurrent_scrapes_are_complete_and_consistent(engine):
+@pytest.mark.parametrize("secure", [False, True], ids=["http", "https+auth+reload"])
+def test_concurrent_scrapes_are_complete_and_consistent(engine, secure, tmp_path, pki):
     """20 threads scrape while the engine collects as fast as it can: every response parses, has
-    every family, and comes from one collection cycle (receive == transmit on every NIC)."""
+    every family, and comes from one collection cycle (receive == transmit on every NIC). The
+    secure run adds TLS handshakes, bcrypt basic auth and a config re-checked on every request."""
+    web, ctx, auth = None, None, {}
+    if secure:
+        cfg = tmp_path / "web.yml"
+        cfg.write_text(f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+                       f"basic_auth_users:\n  prom: '{HASH.decode()}'\n")
+        web, ctx, auth = WebConfigSource(cfg, interval=0.0), client_ctx(pki), basic("prom", PASSWORD)
     engine.run_in_background(0.001)
     errors: list[str] = []
     seen_cycles: set[float] = set()
@@ -315,7 +323,7 @@ def test_concurrent_scrapes_are_complete_and_consistent(engine):
         last = 0.0
         for _ in range(15):
             try:
-                code, _, body = get(port)
+                code, _, body = get(port, ctx=ctx, headers=auth)
                 fams = families(body)
                 assert code == 200
                 for name in ("pcietax_nic_receive_bytes", "pcietax_nic_transmit_bytes",
@@ -334,7 +342,7 @@ def test_concurrent_scrapes_are_complete_and_consistent(engine):
                 with lock:
                     errors.append(repr(e))
 
-    with serving(engine) as port:
+    with serving(engine, web) as port:
         threads = [threading.Thread(target=scraper) for _ in range(20)]
         for t in threads:
             t.start()
