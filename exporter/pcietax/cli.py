@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import make_server
     from .sinks.prometheus import PcietaxCollector
     from .sources import SOURCES
-    from .webconfig import WebConfigError, load
+    from .webconfig import WebConfigError, WebConfigSource
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper().replace("WARN", "WARNING")),
@@ -154,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     try:
-        web = load(args.web_config) if args.web_config else None
+        web = WebConfigSource(args.web_config) if args.web_config else None
     except WebConfigError as e:
         print(f"pcietax serve: {e}", file=sys.stderr)
         return 2

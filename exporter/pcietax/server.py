@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 from base64 import b64decode
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
-from .webconfig import WebConfig
+from .webconfig import WebConfig, WebConfigSource
 
 log = logging.getLogger("pcietax")
 
@@ -51,10 +52,11 @@ class _AuthCache:
     def check(self, header: str | None) -> bool:
         if not self._users:
             return True
-        if not header or not header.startswith("Basic "):
+        # The scheme name is case-insensitive (RFC 7617), as in Go's Request.BasicAuth.
+        if not header or header[:6].lower() != "basic ":
             return False
         try:
-            user, _, pw = b64decode(header[6:], validate=True).decode().partition(":")
+            user, _, pw = b64decode(header[6:].strip(), validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
         digest = hashlib.sha256(f"{user}\0{pw}".encode()).digest()
@@ -71,6 +73,12 @@ class _AuthCache:
         return ok
 
 
+def _san_allowed(cert: dict[str, Any] | None, allowed: frozenset[str]) -> bool:
+    """exporter-toolkit's client_allowed_sans: any DNS, email, IP or URI SAN of the client's leaf."""
+    sans = {str(v).strip() for _kind, v in (cert or {}).get("subjectAltName", ())}
+    return bool(sans & allowed)
+
+
 _DUMMY = bcrypt.hashpw(b"pcietax-dummy", bcrypt.gensalt(rounds=4))
 
 
@@ -78,11 +86,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], handler: Any, ctx: ssl.SSLContext | None) -> None:
+    def __init__(self, addr: tuple[str, int], handler: Any, web: Callable[[], WebConfig]) -> None:
         host = addr[0]
         if (host == "" and socket.has_dualstack_ipv6()) or ":" in host:
             self.address_family = socket.AF_INET6
-        self._ctx = ctx
+        self._web = web
         super().__init__(addr, handler)
 
     def server_bind(self) -> None:
@@ -90,33 +98,56 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver's default prints a traceback to stderr; one debug line is enough for a
+        # client that went away.
+        log.debug("request from %s failed", client_address, exc_info=True)
+
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
-        if self._ctx is not None:
-            sock = self._ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        # The context of the current config: a rotated certificate serves the next connection.
+        ctx = self._web().ssl_context
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
 
 def make_server(
-    address: str, registry: CollectorRegistry, web: WebConfig | None = None
+    address: str, registry: CollectorRegistry, web: WebConfig | WebConfigSource | None = None
 ) -> ThreadingHTTPServer:
-    web = web or WebConfig()
-    auth = _AuthCache(web.users)
+    """``web``: a fixed WebConfig, or a WebConfigSource whose changes apply to new connections."""
+    fixed = web if isinstance(web, WebConfig) else WebConfig()
+    current: Callable[[], WebConfig] = web.current if isinstance(web, WebConfigSource) else lambda: fixed
+    auths: dict[int, tuple[WebConfig, _AuthCache]] = {}
+    auths_lock = threading.Lock()
+
+    def auth_for(cfg: WebConfig) -> _AuthCache:
+        # One cache of verified credentials per config: a reload that changes users starts afresh.
+        with auths_lock:
+            hit = auths.get(id(cfg))
+            if hit is None or hit[0] is not cfg:
+                auths.clear()
+                hit = auths[id(cfg)] = (cfg, _AuthCache(cfg.users))
+            return hit[1]
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"pcietax/{__version__}"
         timeout = 30
 
-        def setup(self) -> None:
-            super().setup()
-            if isinstance(self.connection, ssl.SSLSocket):
-                self.connection.settimeout(10)
-                self.connection.do_handshake()
-
         def handle(self) -> None:
+            # The handshake runs here, not in setup(): an exception there escapes to
+            # socketserver's handle_error, which prints a traceback for every plain-HTTP probe
+            # or client without a certificate.
             try:
+                if isinstance(self.connection, ssl.SSLSocket):
+                    self.connection.do_handshake()
+                    sans = current().client_allowed_sans
+                    if sans and not _san_allowed(self.connection.getpeercert(), sans):
+                        log.info("client %s: certificate SAN not in client_allowed_sans",
+                                 self.client_address[0])
+                        return
                 super().handle()
-            except (ssl.SSLError, ConnectionError, TimeoutError) as e:
+            except (ssl.SSLError, OSError) as e:
                 log.debug("connection from %s closed: %s", self.client_address, e)
 
         def log_message(self, format: str, *args: Any) -> None:
@@ -126,14 +157,14 @@ def make_server(
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
-            for k, v in {**web.headers, **(extra or {})}.items():
+            for k, v in {**current().headers, **(extra or {})}.items():
                 self.send_header(k, v)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
 
         def do_GET(self) -> None:
-            if not auth.check(self.headers.get("Authorization")):
+            if not auth_for(current()).check(self.headers.get("Authorization")):
                 self._send(401, b"Unauthorized\n", "text/plain",
                            {"WWW-Authenticate": 'Basic realm="pcietax"'})
                 return
@@ -155,4 +186,4 @@ def make_server(
         do_HEAD = do_GET
 
     host, port = parse_listen_address(address)
-    return _Server((host, port), Handler, web.ssl_context)
+    return _Server((host, port), Handler, current)
