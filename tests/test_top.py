@@ -110,7 +110,7 @@ def test_once_against_a_real_exporter(tmp_path):
             r = _top("--once", "--url", url, "--interval", "2")
             assert r.returncode == 0, r.stderr
             assert re.search(r"eth0 0000:3b:00\.0\s+\d+\.\d+ MB/s", r.stdout), r.stdout
-            assert "SOURCES  netdev up  pcie up  procfs up  rdma up" in r.stdout
+            assert re.search(r"SOURCES .*netdev up .*procfs up .*rdma up", r.stdout), r.stdout
             r404 = _top("--once", "--url", url.replace("/metrics", "/nothing"))
             assert r404.returncode == 1 and "HTTP 404" in r404.stderr
     finally:
@@ -158,8 +158,8 @@ def test_top_in_a_real_terminal(tmp_path):
                 r"nic_dma\s+#+\.*\s+\d+\.\d+ MB/s",
                 r"useful\s+#+\.*\s+\d+\.\d+ [kM]B/s",
                 r"kernel_copy  not measured",
-                r"STAGING CPU \(cores\)  irq_coarse \d\.\d\d  softirq_coarse 0\.[1-9]",
-                r"SOURCES  netdev up  pcie up  procfs up  rdma up",
+                r"STAGING CPU \(cores\)  irq_coarse \d\.\d\d  softirq_coarse (0\.[1-9]|[1-9])",
+                r"SOURCES .*netdev up .*procfs up .*rdma up",
             ]
 
             def full_frame() -> str | None:
