@@ -6,8 +6,11 @@ metrics it names are really absent: on a machine that has them, the query must r
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import subprocess
 
 import pytest
 from alerts.rules import RuleConfig, render
@@ -22,6 +25,10 @@ from helpers.promstack import (
     shipped_relabeling,
 )
 from helpers.traffic import metrics_text, wait_until
+
+HAVE_WORKLOAD = bool(importlib.util.find_spec("pcietax.sources.ebpf")) and bool(
+    importlib.util.find_spec("pcietax.workload"))
+COMM = "ptx-dash"
 
 pytestmark = [
     pytest.mark.e2e,
@@ -89,23 +96,39 @@ def test_exemptions_name_real_panel_queries():
 def test_every_panel_query_has_data_on_this_machine(tmp_path):
     port = free_port()
     log = open(tmp_path / "pcietax.log", "wb")  # noqa: SIM115 - closed below
-    import subprocess
-
-    exporter = subprocess.Popen([*pcietax_cmd(), "serve", "--web.listen-address", f"127.0.0.1:{port}"],
-                                env=pcietax_env(), stdout=log, stderr=subprocess.STDOUT)
+    # As root with the eBPF source and the reference workload in the tree, the workload moves data
+    # through every staged scenario and feeds its TTFT histogram, so those panels must show it too.
+    workload = HAVE_WORKLOAD and os.geteuid() == 0 and importlib.util.find_spec("bcc") is not None
+    extra = ["--target.comm", f"^{COMM}$", "--cuda.probes", "always"] if workload else []
+    exporter = subprocess.Popen(
+        [*pcietax_cmd(), "serve", "--web.listen-address", f"127.0.0.1:{port}", *extra],
+        env=pcietax_env(), stdout=log, stderr=subprocess.STDOUT)
+    wl = None
     try:
-        wait_until(lambda: _alive(exporter) and _answers(port), 60, "pcietax serve on the real /proc, /sys")
+        wait_until(lambda: _alive(exporter) and _answers(port, workload), 180,
+                   "pcietax serve on the real /proc, /sys")
+        relabel = shipped_relabeling(REPO)
+        jobs = [scrape_job("pcietax", [f"localhost:{port}"], relabel)]
+        if workload:
+            mport = free_port()
+            wl = subprocess.Popen(
+                [*pcietax_cmd(), "workload", "--scenario", "all", "--bytes", "4MiB", "--rate", "8MiB",
+                 "--duration", "600", "--comm", COMM, "--metrics-address", f"127.0.0.1:{mport}"],
+                env=pcietax_env(), stdout=subprocess.DEVNULL, stderr=log)
+            jobs.append(scrape_job("vllm", [f"localhost:{mport}"], relabel))
         with node_exporter(tmp_path) as ne:
-            relabel = shipped_relabeling(REPO)
-            jobs = [scrape_job("pcietax", [f"localhost:{port}"], relabel), scrape_job("node", [ne], relabel)]
+            jobs.append(scrape_job("node", [ne], relabel))
             with prometheus(tmp_path, jobs, render(RuleConfig()), None) as prom:
                 queries = _queries()
                 for uid, title, ref, expr in queries:
                     err = prom.query_error(expr)
                     assert err is None, f"{uid} / {title} / {ref}: Prometheus rejects the query: {err}"
                 # What this machine exports is known once both targets have been scraped.
-                wait_until(lambda: len(prom.query("up == 1")) == 2 and prom.query("pcietax_build_info"), 60,
-                           "Prometheus to scrape pcietax and node_exporter")
+                wait_until(lambda: len(prom.query("up == 1")) == len(jobs)
+                           and prom.query("pcietax_build_info"), 60, "Prometheus to scrape every target")
+                if workload:  # what the workload feeds shows up once it has run for a moment
+                    wait_until(lambda: prom.query("pcietax_useful_bytes_total")
+                               and prom.query("vllm:time_to_first_token_seconds_bucket"), 60, "workload data")
                 present = _names(prom)
                 required = []
                 for uid, title, ref, expr in queries:
@@ -125,8 +148,10 @@ def test_every_panel_query_has_data_on_this_machine(tmp_path):
                     except AssertionError:
                         pytest.fail("queries without data:\n" + "\n".join(missing()))
     finally:
-        exporter.terminate()
-        exporter.wait(15)
+        for p in (wl, exporter):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(20)
         log.close()
 
 
@@ -136,11 +161,12 @@ def _alive(p) -> bool:
     return True
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, ebpf: bool) -> bool:
     try:
-        return "pcietax_source_up" in metrics_text(f"http://127.0.0.1:{port}/metrics")
+        text = metrics_text(f"http://127.0.0.1:{port}/metrics")
     except OSError:
         return False
+    return 'pcietax_source_up{source="ebpf"} 1.0' in text if ebpf else "pcietax_source_up" in text
 
 
 def _names(prom) -> set[str]:
