@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
@@ -17,11 +16,7 @@ OUT = Path(__file__).resolve().parent
 
 def render() -> dict[str, str]:
     enc = JSONEncoder(sort_keys=True, indent=2)
-    with warnings.catch_warnings():
-        # The SDK nudges towards the v2 schema (Grafana 12 API only); the classic JSON model is what
-        # file provisioning, ConfigMap sidecars and Grafana 10/11 import, so it stays.
-        warnings.filterwarnings("ignore", "Prefer using dashboardv2", DeprecationWarning)
-        return {name: enc.encode(build().build()) + "\n" for name, build in DASHBOARDS.items()}
+    return {name: enc.encode(build().build()) + "\n" for name, build in DASHBOARDS.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
