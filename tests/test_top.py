@@ -182,3 +182,20 @@ def test_top_in_a_real_terminal(tmp_path):
     finally:
         traffic.stop()
         tmux.kill()
+
+
+def test_direct_reads_the_sources_without_an_exporter(tmp_path):
+    node = roce_node(tmp_path)
+    traffic = Traffic(node, useful=1e6, extra=2e6)  # ratio 3
+    traffic.start()
+    try:
+        r = _top("--once", "--direct", "--path.sysfs", str(node.sys), "--path.procfs", str(node.proc),
+                 "--interval", "3")
+    finally:
+        traffic.stop()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"pcietax top  sources under {node.sys}")
+    assert re.search(r"eth0 0000:3b:00\.0\s+\d+\.\d+ MB/s", r.stdout), r.stdout
+    m = re.search(r"TAX RATIO\s+ingress (\d+\.\d+)x", r.stdout)
+    assert m and 2.7 <= float(m.group(1)) <= 3.3, r.stdout
+    assert "ebpf" not in r.stdout.split("SOURCES", 1)[1]  # a viewer attaches no probes

@@ -182,6 +182,47 @@ def _table(title: str, rows: Iterable[tuple[str, float, float]]) -> list[str]:
     return out
 
 
+class LocalSources:
+    """``--direct``: read the sources in this process instead of scraping an exporter, through the
+    same engine and Prometheus rendering as ``pcietax serve``, parsed back like a scrape. The eBPF
+    tracer is left to ``pcietax serve``: a viewer should not attach probes to the whole node."""
+
+    def __init__(self, sysfs: str, procfs: str, collect_interval: float = 0.5) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from .engine import Engine
+        from .model import TaxModel
+        from .sinks.prometheus import PcietaxCollector
+        from .sources import SOURCES, SourceOptions
+
+        opts = SourceOptions(sysfs=sysfs, procfs=procfs)
+        enabled = [s for s in SOURCES if s.name != "ebpf"]
+        self._engine = Engine([s.build(opts) for s in enabled], TaxModel(10.0))
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(PcietaxCollector(self._engine.frame, [s.name for s in enabled]))
+        self._engine.start_sources()
+        self._engine.run_in_background(collect_interval)
+
+    def fetch(self) -> Scrape:
+        from prometheus_client import generate_latest
+
+        return parse(generate_latest(self._registry).decode(), time.monotonic())
+
+    def close(self) -> None:
+        self._engine.close()
+
+
+class Remote:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def fetch(self) -> Scrape:
+        return fetch(self.url)
+
+    def close(self) -> None:
+        pass
+
+
 # -- command line -------------------------------------------------------------------------------
 
 
@@ -192,10 +233,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds (default 1)")
     p.add_argument("--top", type=int, default=5, help="rows per GPU/NIC/process table (default 5)")
     p.add_argument("--once", action="store_true", help="print one frame as plain text and exit")
+    p.add_argument("--direct", action="store_true",
+                   help="read the host sources in this process instead of scraping an exporter "
+                        "(no eBPF: that tracer runs in pcietax serve)")
+    p.add_argument("--path.sysfs", dest="sysfs", default="/sys", help="sysfs mount point (--direct)")
+    p.add_argument("--path.procfs", dest="procfs", default="/proc", help="procfs mount point (--direct)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.url.startswith(("http://", "https://")):
+    if not args.direct and not args.url.startswith(("http://", "https://")):
         print(f"pcietax top: --url {args.url!r} must start with http:// or https://", file=sys.stderr)
         return 2
     if not 0.1 <= args.interval <= 3600:
@@ -204,25 +250,31 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         print("pcietax top: --top must be at least 1", file=sys.stderr)
         return 2
-    if args.once:
-        try:
-            prev = fetch(args.url)
-            time.sleep(args.interval)
-            cur = fetch(args.url)
-        except ScrapeError as e:
-            print(f"pcietax top: {e}", file=sys.stderr)
-            return 1
-        print("\n".join(render(compute(prev, cur, args.top), args.url)))
-        return 0
-    import contextlib
-    import curses
+    src: LocalSources | Remote = (LocalSources(args.sysfs, args.procfs) if args.direct
+                                  else Remote(args.url))
+    where = f"sources under {args.sysfs} and {args.procfs}" if args.direct else args.url
+    try:
+        if args.once:
+            try:
+                prev = src.fetch()
+                time.sleep(args.interval)
+                cur = src.fetch()
+            except ScrapeError as e:
+                print(f"pcietax top: {e}", file=sys.stderr)
+                return 1
+            print("\n".join(render(compute(prev, cur, args.top), where)))
+            return 0
+        import contextlib
+        import curses
 
-    # Size from the terminal itself, never from LINES/COLUMNS a shell exported once: a stale value
-    # would cut the view short and ignore resizes.
-    curses.use_env(False)
-    with contextlib.suppress(KeyboardInterrupt):
-        curses.wrapper(_loop, args)
-    return 0
+        # Size from the terminal itself, never from LINES/COLUMNS a shell exported once: a stale
+        # value would cut the view short and ignore resizes.
+        curses.use_env(False)
+        with contextlib.suppress(KeyboardInterrupt):
+            curses.wrapper(_loop, args, src, where)
+        return 0
+    finally:
+        src.close()
 
 
 def _fit(scr) -> tuple[int, int]:  # pragma: no cover - exercised through tmux
@@ -243,7 +295,8 @@ def _fit(scr) -> tuple[int, int]:  # pragma: no cover - exercised through tmux
     return h, w
 
 
-def _loop(scr, args: argparse.Namespace) -> None:  # pragma: no cover - exercised through tmux
+def _loop(scr, args: argparse.Namespace, src: LocalSources | Remote,
+          where: str) -> None:  # pragma: no cover - exercised through tmux
     import curses
 
     curses.curs_set(0)
@@ -256,7 +309,7 @@ def _loop(scr, args: argparse.Namespace) -> None:  # pragma: no cover - exercise
         if now >= next_at:
             next_at = now + args.interval
             try:
-                cur = fetch(args.url)
+                cur = src.fetch()
                 if prev is not None:
                     view, error = compute(prev, cur, args.top), ""
                 prev = cur
@@ -264,7 +317,7 @@ def _loop(scr, args: argparse.Namespace) -> None:  # pragma: no cover - exercise
                 error = str(e)
             h, w = _fit(scr)
             scr.erase()
-            for y, line in enumerate(render(view, args.url, w - 1, error)[: h]):
+            for y, line in enumerate(render(view, where, w - 1, error)[: h]):
                 scr.addnstr(y, 0, line, w - 1)
             scr.refresh()
         if scr.getch() in (ord("q"), ord("Q")):
