@@ -92,7 +92,6 @@ def _num(x: float) -> str:
 
 def recording_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
     n = cfg.node_label
-    names = "|".join(TTFT_SECONDS_BUCKETS)
 
     def quantile(q: str) -> str:
         # histogram_quantile gives NaN for a window without requests; ">= 0" drops those points so an
@@ -117,8 +116,11 @@ def recording_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
         {"record": STAGING,
          "expr": (f'sum by ({n}) (rate({STAGING_CPU}{{kind=~"{STAGING_EBPF}"}}[1m]))\n'
                   f'or\nsum by ({n}) (rate({STAGING_CPU}{{kind=~"{STAGING_COARSE}"}}[1m]))')},
+        # One engine per node: the first family present wins. (A single name-regex selector would
+        # make rate() fail for every node as soon as one target exposed two of these families with
+        # the same labels; `or` cannot fail.)
         {"record": TTFT_BUCKETS,
-         "expr": f'sum by ({n}, le) (rate({{__name__=~"{names}"}}[1m]))'},
+         "expr": "\nor\n".join(f"sum by ({n}, le) (rate({f}[1m]))" for f in TTFT_SECONDS_BUCKETS)},
         {"record": TTFT_MS_BUCKETS,
          "expr": f"sum by ({n}, le) (rate({TTFT_MILLISECONDS_BUCKETS}[1m]))"},
         {"record": TTFT_P50, "expr": quantile("0.5")},
