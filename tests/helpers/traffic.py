@@ -6,6 +6,7 @@ monotonic, in the exact layout FakeNode writes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -57,17 +58,39 @@ class Traffic(threading.Thread):
 
     def run(self) -> None:
         n = self.node
+        counters = Path(os.path.realpath(n.sys / "class/infiniband/mlx5_0")) / "ports/1/counters"
         while not self._stop_ev.wait(self.tick):
             self.rdma_bytes += int(self.useful * self.tick) // 4 * 4
             self.netdev_bytes += int(self.extra * self.tick)
             self.irq_ticks += 5  # 5 USER_HZ ticks per tick per CPU: visible staging CPU
-            n.set_rdma_port("mlx5_0", 1, "Ethernet", self.rdma_bytes // 4, 0)
-            n.set_netdev_bytes("eth0", self.netdev_bytes, 0)
-            n.write_stat([1] * n.ncpu, [2 + self.irq_ticks] * n.ncpu)
+            # Each file is replaced whole, as the kernel's counters change atomically: a reader
+            # that caught a half-written file would see a counter drop (a reset to the exporter).
+            _atomic(counters / "port_rcv_data", f"{self.rdma_bytes // 4}\n")
+            n._netdev["eth0"] = (self.netdev_bytes, 0)
+            self._staged(lambda: n.write_net_dev(), "net/dev")
+            self._staged(lambda: n.write_stat([1] * n.ncpu, [2 + self.irq_ticks] * n.ncpu), "stat")
+
+    def _staged(self, write: Callable[[], None], name: str) -> None:
+        """Let FakeNode write a procfs file into a staging root, then move it into place."""
+        n, real = self.node, self.node.proc
+        staging = n.root / ".staging-proc"
+        (staging / "net").mkdir(parents=True, exist_ok=True)
+        n.proc = staging
+        try:
+            write()
+        finally:
+            n.proc = real
+        os.replace(staging / name, real / name)
 
     def stop(self) -> None:
         self._stop_ev.set()
         self.join(5)
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def metrics_text(url: str) -> str:
