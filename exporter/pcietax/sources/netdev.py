@@ -10,8 +10,8 @@ each interface is. Each physical NIC is counted once (DESIGN.md section 2):
 
 from __future__ import annotations
 
+import fnmatch
 import os
-import re
 from pathlib import Path
 
 from ..fsread import read_int, read_optional_str, read_text
@@ -45,7 +45,6 @@ class NetdevSource:
         self._procfs = Path(procfs)
         self._sysfs = Path(sysfs)
         self._nics = list(nics or [])
-        self._patterns = [re.compile(f"^{n}$") for n in self._nics if any(c in n for c in "*?[")]
 
     def start(self) -> None:
         path = self._procfs / "net/dev"
@@ -57,7 +56,8 @@ class NetdevSource:
 
     def _selected(self, iface: str, pci: str) -> bool:
         if self._nics:
-            return iface in self._nics or any(p.match(iface) for p in self._patterns)
+            # Shell-style globs, as interface names are written on the command line (eth*, ens5f?).
+            return any(fnmatch.fnmatchcase(iface, n) for n in self._nics)
         return bool(pci)  # default: physical NICs only (no lo, bridges, veth, tunnels)
 
     def read(self) -> Snapshot:
@@ -67,33 +67,55 @@ class NetdevSource:
             stats = parse_net_dev(read_text(where), snap, where)
         except (OSError, UnicodeDecodeError) as e:
             raise SourceUnavailable(f"cannot read {where}: {e}") from e
-        rdma = _rdma_by_pci(self._sysfs, snap)
+        rdma, broken = _rdma_by_pci(self._sysfs, snap)
+        counted: set[str] = set()
         for iface, (rx, tx) in sorted(stats.items()):
             pci = pci_of_device_link(self._sysfs / "class/net" / iface / "device")
             if not self._selected(iface, pci):
                 continue
+            if pci in broken:
+                # A port counter of this NIC is unreadable: netdev bytes alone would look like a reset
+                # now and a jump later. Skip the NIC this cycle (the fault is already recorded).
+                continue
             ports = rdma.get(pci) if pci else None
             if ports is not None:
-                link_layers = {ll for ll, _, _ in ports}
-                prx = sum(r for _, r, _ in ports)
-                ptx = sum(t for _, _, t in ports)
-                if link_layers == {"InfiniBand"}:
-                    rx, tx = prx, ptx
-                else:
-                    rx, tx = rx + prx, tx + ptx
+                counted.add(pci)
+                rx, tx = _with_ports(rx, tx, ports)
             snap.counter(RX, rx, nic=iface, pci_bus_id=pci)
             snap.counter(TX, tx, nic=iface, pci_bus_id=pci)
+        # An RDMA NIC with no netdev (an InfiniBand HCA without IPoIB) still moves bytes: count it
+        # under its RDMA device name.
+        for pci, ports in sorted(rdma.items()):
+            name = ports[0][3]
+            if pci in counted or pci in broken or not self._selected(name, pci):
+                continue
+            rx, tx = _with_ports(0, 0, ports)
+            snap.counter(RX, rx, nic=name, pci_bus_id=pci)
+            snap.counter(TX, tx, nic=name, pci_bus_id=pci)
         return snap
 
 
-def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> dict[str, list[tuple[str, int, int]]]:
-    """PCI function -> [(link_layer, rx_bytes, tx_bytes) per RDMA port]."""
-    out: dict[str, list[tuple[str, int, int]]] = {}
+def _with_ports(rx: int, tx: int, ports: list[tuple[str, int, int, str]]) -> tuple[int, int]:
+    """Netdev bytes plus port bytes for RoCE; port bytes only for InfiniBand (IPoIB is inside them)."""
+    prx = sum(r for _, r, _, _ in ports)
+    ptx = sum(t for _, _, t, _ in ports)
+    if {ll for ll, _, _, _ in ports} == {"InfiniBand"}:
+        return prx, ptx
+    return rx + prx, tx + ptx
+
+
+def _rdma_by_pci(
+    sysfs: Path, snap: Snapshot
+) -> tuple[dict[str, list[tuple[str, int, int, str]]], set[str]]:
+    """PCI function -> [(link_layer, rx_bytes, tx_bytes, rdma_device) per RDMA port], and the PCI
+    functions with a port whose counters could not be read."""
+    out: dict[str, list[tuple[str, int, int, str]]] = {}
+    broken: set[str] = set()
     base = sysfs / "class/infiniband"
     try:
         devices = sorted(os.listdir(base))
     except OSError:
-        return out
+        return out, broken
     for dev in devices:
         pci = pci_of_device_link(base / dev / "device")
         if not pci:
@@ -103,11 +125,14 @@ def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> dict[str, list[tuple[str, int, 
             try:
                 rx = read_int(counters / "port_rcv_data") * 4
                 tx = read_int(counters / "port_xmit_data") * 4
+            except FileNotFoundError:
+                continue  # a port without data counters (SR-IOV VF), as the rdma source treats it
             except (OSError, ValueError, UnicodeDecodeError) as e:
                 snap.fault("unreadable RDMA counter", e)
+                broken.add(pci)
                 continue
-            out.setdefault(pci, []).append((ll, rx, tx))
-    return out
+            out.setdefault(pci, []).append((ll, rx, tx, dev))
+    return out, broken
 
 
 def _ports(dev: Path, snap: Snapshot) -> list[tuple[str, Path]]:
