@@ -28,22 +28,26 @@ def parse_interrupts(text: str, snap: Snapshot, where: str) -> None:
             snap.fault("truncated line", f"{where}:{n}")
             continue
         parts = rest.split()
-        counts = parts[:ncpu]
+        # ERR and MIS carry one node-wide number; every other line one count per CPU, then text
+        # (for numbered lines at least the irq chip).
+        single = irq in ("ERR", "MIS")
+        ncounts = 1 if single else ncpu
+        counts = parts[:ncounts]
+        if len(parts) < ncounts or (irq.isdigit() and len(parts) <= ncpu):
+            # Cut short: a partial sum would read as a reset now and a jump on the next full read.
+            snap.fault("truncated line", f"{where}:{n}")
+            continue
         try:
             total = sum(map(int, counts))
         except ValueError:
-            # ERR/MIS carry one number; anything else non-numeric is garbage.
             snap.fault("not a number", f"{where}:{n}")
             continue
         if irq.isdigit():
-            if len(parts) < ncpu + 1:
-                snap.fault("truncated line", f"{where}:{n}")
-                continue
             # chip, hwirq-trigger, then the action names (what node_exporter calls "devices").
             tail = parts[ncpu + 2 :] if len(parts) > ncpu + 2 else parts[ncpu + 1 :]
             name = " ".join(tail)
         else:
-            name = " ".join(parts[ncpu:]) if len(parts) > ncpu else irq
+            name = " ".join(parts[ncpu:]) if not single and len(parts) > ncpu else irq
         snap.counter(HARDIRQ, total, irq=irq, name=name)
 
 
