@@ -108,8 +108,9 @@ class PcieSource:
             return
         if "TOTAL_ERR_COR" in aer:
             snap.counter(CORRECTABLE, aer["TOTAL_ERR_COR"], pci_bus_id=addr, device_kind=kind)
-        replays = aer.get("Rollover", 0) + aer.get("Timeout", 0)
-        snap.counter(REPLAY, replays, pci_bus_id=addr, device_kind=kind)
+        if "Rollover" in aer and "Timeout" in aer:
+            # Both or nothing: a file cut before one of them would export a partial sum (a fake reset).
+            snap.counter(REPLAY, aer["Rollover"] + aer["Timeout"], pci_bus_id=addr, device_kind=kind)
 
     @staticmethod
     def _mps(dev: Path) -> int | None:
