@@ -142,17 +142,53 @@ def test_non_ascii_proc_net_dev_is_unavailable(node):
         src.read()
 
 
-def test_unreadable_roce_port_skips_that_nic_only(node):
-    """A RoCE NIC whose port counter cannot be read must not be reported with netdev bytes only:
-    that would look like a counter reset now and a huge jump later."""
+def test_unreadable_roce_port_holds_its_part(node):
+    """A RoCE NIC whose port counter cannot be read for a cycle must not drop to its netdev bytes:
+    that would look like a counter reset now and a jump by the port's whole history later. The
+    port's part is held, the netdev part keeps flowing."""
     src = _source(node)
     assert _rx(src.read())["ens5f0"] == 14_000
-    node.make_directory_in_place("sys/class/infiniband/mlx5_0/ports/1/counters/port_rcv_data")
+    path = "sys/class/infiniband/mlx5_0/ports/1/counters/port_rcv_data"
+    node.make_directory_in_place(path)
+    node.set_netdev_bytes("ens5f0", 10_500, 20_000)
     snap = src.read()
-    assert "ens5f0" not in _rx(snap)
-    assert set(_rx(snap)) == {"eno1", "eno2", "ib0"}
+    assert _rx(snap)["ens5f0"] == 14_500
+    assert set(_rx(snap)) == {"eno1", "eno2", "ens5f0", "ib0"}
     assert [f.what for f in snap.faults] == ["unreadable RDMA counter"]
     assert "mlx5_0" in snap.faults[0].where
+    (node.root / path).rmdir()
+    node.set_rdma_port("mlx5_0", 1, "Ethernet", 1_100, 2_000)
+    assert _rx(src.read())["ens5f0"] == 10_500 + 4_400
+
+
+def test_rdma_device_vanishes_and_returns_without_a_jump(node):
+    """mlx5_ib unloaded and reloaded under a live netdev: the NIC's counter neither drops to its
+    netdev bytes nor jumps by the port's history; a port that restarts from zero is absorbed."""
+    src = _source(node)
+    assert _rx(src.read()) == {"eno1": 1_000, "eno2": 3_000, "ens5f0": 14_000, "ib0": 100_000}
+    node.remove_rdma("mlx5_0")
+    node.remove_rdma("mlx5_1")
+    node.set_netdev_bytes("ens5f0", 10_100, 20_000)
+    node.set_netdev_bytes("ib0", 999, 999)  # IPoIB bytes never replace an InfiniBand NIC's port bytes
+    got = _rx(src.read())
+    assert got["ens5f0"] == 14_100 and got["ib0"] == 100_000
+    # Back, with counters restarted from zero by the reload.
+    roce = node.add_pci("0000:5e:00.0", 0x020000)
+    node.add_rdma("mlx5_0", roce, {1: ("Ethernet", 10, 0)})
+    node.add_rdma("mlx5_1", node.add_pci("0000:86:00.0", 0x020700), {1: ("InfiniBand", 5, 0)})
+    got = _rx(src.read())
+    assert got["ens5f0"] == 14_100 + 40 and got["ib0"] == 100_020
+
+
+def test_rdma_driver_loaded_after_start_adds_only_its_increase(fake_node):
+    nic = fake_node.add_pci("0000:5e:00.0", 0x020000)
+    fake_node.add_netdev("ens5f0", nic, 10_000, 20_000)
+    src = _source(fake_node)
+    assert _rx(src.read()) == {"ens5f0": 10_000}
+    fake_node.add_rdma("mlx5_0", nic, {1: ("Ethernet", 10**9, 10**9)})  # a long port history
+    assert _rx(src.read()) == {"ens5f0": 10_000}
+    fake_node.set_rdma_port("mlx5_0", 1, "Ethernet", 10**9 + 25, 10**9)
+    assert _rx(src.read()) == {"ens5f0": 10_100}
 
 
 def test_garbage_port_counter_is_a_fault(node):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
+from typing import NamedTuple
 
+from ..counters import CounterAbsorber
 from ..fsread import read_int, read_optional_str, read_text
 from .base import Snapshot, SourceUnavailable
 from .pciaddr import pci_of_device_link
@@ -45,6 +47,7 @@ class NetdevSource:
         self._procfs = Path(procfs)
         self._sysfs = Path(sysfs)
         self._nics = list(nics or [])
+        self._totals = _NicTotals()
 
     def start(self) -> None:
         path = self._procfs / "net/dev"
@@ -69,47 +72,91 @@ class NetdevSource:
             raise SourceUnavailable(f"cannot read {where}: {e}") from e
         rdma, broken = _rdma_by_pci(self._sysfs, snap)
         counted: set[str] = set()
-        for iface, (rx, tx) in sorted(stats.items()):
+        for iface, netdev in sorted(stats.items()):
             pci = pci_of_device_link(self._sysfs / "class/net" / iface / "device")
             if not self._selected(iface, pci):
                 continue
-            if pci in broken:
-                # A port counter of this NIC is unreadable: netdev bytes alone would look like a reset
-                # now and a jump later. Skip the NIC this cycle (the fault is already recorded).
-                continue
-            ports = rdma.get(pci) if pci else None
-            if ports is not None:
+            if pci:
                 counted.add(pci)
-                rx, tx = _with_ports(rx, tx, ports)
-            snap.counter(RX, rx, nic=iface, pci_bus_id=pci)
-            snap.counter(TX, tx, nic=iface, pci_bus_id=pci)
+            self._emit(snap, iface, pci, netdev, rdma.get(pci, []) if pci else [], pci in broken)
         # An RDMA NIC with no netdev (an InfiniBand HCA without IPoIB) still moves bytes: count it
         # under its RDMA device name.
         for pci, ports in sorted(rdma.items()):
-            name = ports[0][3]
-            if pci in counted or pci in broken or not self._selected(name, pci):
-                continue
-            rx, tx = _with_ports(0, 0, ports)
-            snap.counter(RX, rx, nic=name, pci_bus_id=pci)
-            snap.counter(TX, tx, nic=name, pci_bus_id=pci)
+            name = ports[0].device
+            if pci not in counted and self._selected(name, pci):
+                self._emit(snap, name, pci, None, ports, pci in broken)
         return snap
 
+    def _emit(self, snap: Snapshot, nic: str, pci: str, netdev: tuple[int, int] | None,
+              ports: list[_Port], broken: bool) -> None:
+        if broken and not self._totals.known(nic):
+            # A port counter is unreadable before this NIC was ever counted: netdev bytes now and
+            # port bytes later would not be one counter. Skip it until then (the fault is recorded).
+            return
+        rx, tx = self._totals.update(nic, netdev, ports)
+        snap.counter(RX, rx, nic=nic, pci_bus_id=pci)
+        snap.counter(TX, tx, nic=nic, pci_bus_id=pci)
 
-def _with_ports(rx: int, tx: int, ports: list[tuple[str, int, int, str]]) -> tuple[int, int]:
-    """Netdev bytes plus port bytes for RoCE; port bytes only for InfiniBand (IPoIB is inside them)."""
-    prx = sum(r for _, r, _, _ in ports)
-    ptx = sum(t for _, _, t, _ in ports)
-    if {ll for ll, _, _, _ in ports} == {"InfiniBand"}:
-        return prx, ptx
-    return rx + prx, tx + ptx
+
+class _Port(NamedTuple):
+    link_layer: str
+    rx: int  # bytes
+    tx: int
+    device: str
+    port: str
 
 
-def _rdma_by_pci(
-    sysfs: Path, snap: Snapshot
-) -> tuple[dict[str, list[tuple[str, int, int, str]]], set[str]]:
-    """PCI function -> [(link_layer, rx_bytes, tx_bytes, rdma_device) per RDMA port], and the PCI
-    functions with a port whose counters could not be read."""
-    out: dict[str, list[tuple[str, int, int, str]]] = {}
+class _NicTotals:
+    """Each NIC's byte counters as the sum of its parts (its netdev statistics and each RDMA port),
+    each part absorbed on its own. The sum is not a device counter: an RDMA device that vanishes
+    (mlx5_ib unloaded, a sysfs link re-created, a port counter unreadable for a cycle) would
+    otherwise take the NIC's counter down to its netdev bytes (a fake reset) and, when it returns,
+    up by the port's whole history (a jump). So a missing part holds its last value, a part that
+    restarts is absorbed like any counter, and a part first seen after the NIC (the RDMA driver
+    loaded later) adds only its increase.
+
+    RoCE: netdev bytes plus port bytes (RDMA traffic bypasses the netdev stack). InfiniBand: port
+    bytes only (the IPoIB netdev's traffic is inside them); a NIC stays InfiniBand while its ports
+    are gone."""
+
+    def __init__(self) -> None:
+        self._absorber = CounterAbsorber()
+        self._parts: dict[str, set[str]] = {}
+        self._base: dict[tuple[str, str, int], float] = {}
+        self._infiniband: dict[str, bool] = {}
+
+    def known(self, nic: str) -> bool:
+        return nic in self._parts
+
+    def update(self, nic: str, netdev: tuple[int, int] | None, ports: list[_Port]) -> tuple[float, float]:
+        first = nic not in self._parts
+        parts = self._parts.setdefault(nic, set())
+        if ports:
+            self._infiniband[nic] = all(p.link_layer == "InfiniBand" for p in ports)
+        ib = self._infiniband.get(nic, False)
+        now = [(f"{p.device}/{p.port}", (p.rx, p.tx)) for p in ports]
+        if netdev is not None:
+            now.append(("netdev", netdev))
+        for part, raw in now:
+            for i in (0, 1):
+                v = self._absorber.update((nic, part, i), raw[i])
+                if part not in parts and not first:
+                    self._base[(nic, part, i)] = v  # a late part counts from here
+            parts.add(part)
+        out = [0.0, 0.0]
+        for part in parts:
+            if ib and part == "netdev":
+                continue
+            for i in (0, 1):
+                key = (nic, part, i)
+                out[i] += (self._absorber.value((nic, part, i)) or 0.0) - self._base.get(key, 0.0)
+        return out[0], out[1]
+
+
+def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> tuple[dict[str, list[_Port]], set[str]]:
+    """PCI function -> its RDMA ports, and the PCI functions with a port whose counters could not
+    be read."""
+    out: dict[str, list[_Port]] = {}
     broken: set[str] = set()
     base = sysfs / "class/infiniband"
     try:
@@ -131,7 +178,7 @@ def _rdma_by_pci(
                 snap.fault("unreadable RDMA counter", e)
                 broken.add(pci)
                 continue
-            out.setdefault(pci, []).append((ll, rx, tx, dev))
+            out.setdefault(pci, []).append(_Port(ll, rx, tx, dev, port))
     return out, broken
 
 
