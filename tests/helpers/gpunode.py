@@ -38,7 +38,7 @@ def _count(i: int, cpu: int, scale: int) -> int:
 
 def switch_bus(sw: int) -> int:
     """Bus of PCIe switch ``sw``'s upstream port (sockets 0 and 1 hold four switches each)."""
-    return 0x10 + sw * 0x10 + (0x80 if sw >= 4 else 0)
+    return 0x10 + (sw % 4) * 0x10 + (0x80 if sw >= 4 else 0)
 
 
 def nic_name(sw: int) -> str:
