@@ -1,6 +1,10 @@
 """Prometheus exposition: a custom collector that builds fresh metric families from one Frame per
 scrape (client_python's custom-collector pattern), so concurrent scrapes each see one consistent
-collection cycle and nothing is shared or mutated behind them."""
+collection cycle and nothing is shared or mutated behind them.
+
+The two formats Prometheus asks for (text 0.0.4 and OpenMetrics 1.0.0) are also written directly
+from the Frame, byte for byte what client_python would write (tests compare the two): on a GPU node
+with a thousand IRQ lines, client_python's per-sample formatting dominated the scrape."""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, CONTENT_TYPE_PLAIN_1_0_0, choose_encoder
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_1_0_0
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..catalog import FAMILIES, Family, family
@@ -17,66 +25,140 @@ from ..engine import Frame
 from ..model import DIRECTIONS, HOPS
 from ..sources.base import Labels
 
+Rows = dict[str, list[tuple[Labels | dict[str, str], float]]]
+
+# Rendered "name{labels} " prefixes are cached per series; a label set that churns (processes come
+# and go) must not grow the cache without bound.
+_PREFIX_CACHE_MAX = 100_000
+
 
 def _new(f: Family) -> Any:
     cls = CounterMetricFamily if f.kind == "counter" else GaugeMetricFamily
     # CounterMetricFamily wants the name without _total; it appends it back on exposition.
-    name = f.name[: -len("_total")] if f.kind == "counter" and f.name.endswith("_total") else f.name
-    return cls(name, f.help, labels=list(f.labels))
+    return cls(_base_name(f), f.help, labels=list(f.labels))
 
 
-class _Families:
-    """Family objects created on first use, in catalog order."""
+def _base_name(f: Family) -> str:
+    return f.name[: -len("_total")] if f.kind == "counter" and f.name.endswith("_total") else f.name
 
-    def __init__(self) -> None:
-        self._by_name: dict[str, Any] = {}
 
-    def add(self, name: str, labels: Labels | dict[str, str], value: float) -> None:
-        f = family(name)
-        m = self._by_name.get(name)
-        if m is None:
-            m = self._by_name[name] = _new(f)
-        lv = dict(labels)
-        m.add_metric([lv.get(k, "") for k in f.labels], value)
+def _rows(fr: Frame, sources: str) -> Rows:
+    """Every sample of one frame, grouped by family, in the order they are exposed."""
+    rows: Rows = {}
 
-    def ordered(self) -> Iterator[Metric]:
-        for name in FAMILIES:
-            if name in self._by_name:
-                yield self._by_name[name]
+    def add(name: str, labels: Labels | dict[str, str], value: float) -> None:
+        family(name)  # unknown families fail loudly: the catalog is the contract
+        rows.setdefault(name, []).append((labels, value))
+
+    tax = fr.tax
+    if tax is not None:
+        for x in DIRECTIONS:
+            if x in tax.useful:
+                add("pcietax_useful_bytes_total", {"direction": x}, tax.useful[x])
+        for (hop, x), v in tax.moved.items():
+            add("pcietax_moved_bytes_total", {"hop": hop, "direction": x}, v)
+        for x, r in tax.ratio.items():
+            add("pcietax_tax_ratio", {"direction": x}, r)
+        for hop in HOPS:
+            add("pcietax_hop_measured", {"hop": hop}, 1.0 if tax.measured.get(hop) else 0.0)
+    for (name, labels), v in fr.counters.items():
+        add(name, labels, v)
+    for (name, labels), v in fr.gauges.items():
+        add(name, labels, v)
+    for st in fr.status.values():
+        src = {"source": st.name}
+        add("pcietax_source_up", src, 1.0 if st.up else 0.0)
+        add("pcietax_source_errors_total", src, st.errors)
+        add("pcietax_source_resets_total", src, st.resets)
+        add("pcietax_scrape_duration_seconds", src, st.duration)
+    add("pcietax_build_info",
+        {"version": __version__, "python": platform.python_version(), "sources": sources}, 1.0)
+    return rows
+
+
+def _escape_value(v: str) -> str:
+    return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
 class PcietaxCollector(Collector):
     def __init__(self, frame: Callable[[], Frame], source_names: list[str]) -> None:
         self._frame = frame
         self._sources = ",".join(source_names)
+        self._prefix: dict[tuple[str, Labels | tuple[tuple[str, str], ...]], str] = {}
 
     def collect(self) -> Iterator[Metric]:
-        fr = self._frame()
-        out = _Families()
-        tax = fr.tax
-        if tax is not None:
-            for x in DIRECTIONS:
-                if x in tax.useful:
-                    out.add("pcietax_useful_bytes_total", {"direction": x}, tax.useful[x])
-            for (hop, x), v in tax.moved.items():
-                out.add("pcietax_moved_bytes_total", {"hop": hop, "direction": x}, v)
-            for x, r in tax.ratio.items():
-                out.add("pcietax_tax_ratio", {"direction": x}, r)
-            for hop in HOPS:
-                out.add("pcietax_hop_measured", {"hop": hop}, 1.0 if tax.measured.get(hop) else 0.0)
-        for (name, labels), v in fr.counters.items():
-            out.add(name, labels, v)
-        for (name, labels), v in fr.gauges.items():
-            out.add(name, labels, v)
-        for st in fr.status.values():
-            src = {"source": st.name}
-            out.add("pcietax_source_up", src, 1.0 if st.up else 0.0)
-            out.add("pcietax_source_errors_total", src, st.errors)
-            out.add("pcietax_source_resets_total", src, st.resets)
-            out.add("pcietax_scrape_duration_seconds", src, st.duration)
-        out.add(
-            "pcietax_build_info",
-            {"version": __version__, "python": platform.python_version(), "sources": self._sources},
-            1.0,
-        )
-        yield from out.ordered()
+        rows = _rows(self._frame(), self._sources)
+        for name, f in FAMILIES.items():
+            samples = rows.get(name)
+            if not samples:
+                continue
+            m = _new(f)
+            for labels, value in samples:
+                lv = dict(labels)
+                m.add_metric([lv.get(k, "") for k in f.labels], value)
+            yield m
+
+    def render(self, openmetrics: bool) -> bytes:
+        """The exposition of the current frame: Prometheus text 0.0.4, or OpenMetrics 1.0.0."""
+        rows = _rows(self._frame(), self._sources)
+        prefix = self._prefix
+        if len(prefix) > _PREFIX_CACHE_MAX:
+            prefix.clear()
+        out: list[str] = []
+        for name, f in FAMILIES.items():
+            samples = rows.get(name)
+            if not samples:
+                continue
+            base = _base_name(f)
+            sample_name = base + "_total" if f.kind == "counter" else base
+            head = base if openmetrics else sample_name
+            doc = f.help.replace("\\", r"\\").replace("\n", r"\n")
+            if openmetrics:
+                doc = doc.replace('"', r"\"")
+            out.append(f"# HELP {head} {doc}\n# TYPE {head} {f.kind}\n")
+            for labels, value in samples:
+                key = (name, labels if isinstance(labels, tuple) else tuple(sorted(labels.items())))
+                p = prefix.get(key)
+                if p is None:
+                    lv = dict(labels)
+                    inner = ",".join(f'{k}="{_escape_value(lv.get(k, ""))}"' for k in sorted(f.labels))
+                    p = prefix[key] = f"{sample_name}{{{inner}}} " if inner else f"{sample_name} "
+                out.append(p + floatToGoString(value) + "\n")
+        if openmetrics:
+            out.append("# EOF\n")
+        return "".join(out).encode("utf-8")
+
+
+class PcietaxRegistry(CollectorRegistry):
+    """The registry ``pcietax serve`` exposes: the pcietax collector alone, rendered directly for
+    the formats Prometheus negotiates, through client_python for anything else."""
+
+    def __init__(self, frame: Callable[[], Frame], source_names: list[str]) -> None:
+        super().__init__(auto_describe=False)
+        self.collector = PcietaxCollector(frame, source_names)
+        self.register(self.collector)
+
+    def render(self, content_type: str) -> bytes | None:
+        """Our own rendering for the content types Prometheus negotiates; None for the rest. Every
+        pcietax metric and label name is a legacy Prometheus name, which the "underscores" and
+        "allow-utf-8" escaping schemes leave as it is."""
+        fmt = _FAST_FORMATS.get(content_type)
+        return None if fmt is None else self.collector.render(openmetrics=fmt == "openmetrics")
+
+
+_FAST_FORMATS = {
+    CONTENT_TYPE_PLAIN_0_0_4: "text",
+    **{f"{CONTENT_TYPE_PLAIN_1_0_0}; escaping={e}": "text" for e in ("underscores", "allow-utf-8")},
+    OPENMETRICS_1_0_0: "openmetrics",
+    **{f"{OPENMETRICS_1_0_0}; escaping={e}": "openmetrics" for e in ("underscores", "allow-utf-8")},
+}
+
+
+def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """Body and content type for a scrape with this Accept header (client_python's negotiation)."""
+    encoder, content_type = choose_encoder(accept)
+    if isinstance(registry, PcietaxRegistry):
+        body = registry.render(content_type)
+        if body is not None:
+            return body, content_type
+    return encoder(registry), content_type
