@@ -198,3 +198,26 @@ def test_permission_denied_counts_a_fault_and_the_rest_flows():
         assert len(snap.faults) == 1 and "Permission denied" in snap.faults[0].where
     finally:
         shutil.rmtree(root)
+
+
+def test_unchanged_lines_reuse_their_sample_changed_lines_are_parsed(node):
+    src = _source(node)
+    first = {(dict(s.labels)["irq"]): s for s in src.read().counters if s.family == HARDIRQ}
+    _edit_interrupts(node, lambda ls: [ln.replace(" 400   PCI", " 401   PCI") for ln in ls])
+    second = {(dict(s.labels)["irq"]): s for s in src.read().counters if s.family == HARDIRQ}
+    assert second["120"].value == 1001 and first["120"].value == 1000
+    assert second["LOC"] is first["LOC"]  # the same object: not parsed again
+    # A new CPU header (CPU hotplug) invalidates everything, even lines that read the same.
+    text = (node.proc / "interrupts").read_text().splitlines()
+    node.write_raw("proc/interrupts", "\n".join([text[0] + "       CPU4", *text[1:]]) + "\n")
+    snap = src.read()
+    # Every line now has too few counts for 5 CPUs: text where a count should be.
+    assert not any(irq == "LOC" for irq, _ in _irq(snap))
+    assert {f.what for f in snap.faults} == {"not a number"}
+
+
+def test_a_faulty_line_faults_on_every_read(node):
+    src = _source(node)
+    _edit_interrupts(node, lambda ls: [*ls, "", "garbage"])
+    assert len(src.read().faults) == 2
+    assert len(src.read().faults) == 2
