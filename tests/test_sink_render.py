@@ -99,3 +99,15 @@ def test_other_formats_fall_back_to_client_python():
     encoder, ctype = choose_encoder(accept)
     assert reg.render(ctype) is None
     assert exposition(reg, accept) == (encoder(reg), ctype)
+
+
+def test_cached_lines_follow_new_values():
+    key = ("pcietax_hardirq_total", labels_of(irq="1", name="i8042"))
+    frames = [Frame(0.0, {key: 5.0}, {}, {}, None), Frame(1.0, {key: 6.0}, {}, {}, None)]
+    current = [frames[0]]
+    reg = PcietaxRegistry(lambda: current[0], [])
+    assert b'pcietax_hardirq_total{irq="1",name="i8042"} 5.0\n' in reg.render(CONTENT_TYPE_PLAIN_0_0_4)
+    current[0] = frames[1]
+    body = reg.render(CONTENT_TYPE_PLAIN_0_0_4)
+    assert b'name="i8042"} 6.0\n' in body and b"5.0" not in body
+    assert body == generate_latest(reg)

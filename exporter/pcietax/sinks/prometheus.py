@@ -27,9 +27,9 @@ from ..sources.base import Labels
 
 Rows = dict[str, list[tuple[Labels | dict[str, str], float]]]
 
-# Rendered "name{labels} " prefixes are cached per series; a label set that churns (processes come
-# and go) must not grow the cache without bound.
-_PREFIX_CACHE_MAX = 100_000
+# Rendered lines are cached per series; a label set that churns (processes come and go) must not
+# grow the cache without bound.
+_LINE_CACHE_MAX = 100_000
 
 
 def _new(f: Family) -> Any:
@@ -84,7 +84,8 @@ class PcietaxCollector(Collector):
     def __init__(self, frame: Callable[[], Frame], source_names: list[str]) -> None:
         self._frame = frame
         self._sources = ",".join(source_names)
-        self._prefix: dict[tuple[str, Labels | tuple[tuple[str, str], ...]], str] = {}
+        # series -> (rendered "name{labels} ", value, rendered line)
+        self._lines: dict[tuple[str, Labels], tuple[str, float, str]] = {}
 
     def collect(self) -> Iterator[Metric]:
         rows = _rows(self._frame(), self._sources)
@@ -101,9 +102,9 @@ class PcietaxCollector(Collector):
     def render(self, openmetrics: bool) -> bytes:
         """The exposition of the current frame: Prometheus text 0.0.4, or OpenMetrics 1.0.0."""
         rows = _rows(self._frame(), self._sources)
-        prefix = self._prefix
-        if len(prefix) > _PREFIX_CACHE_MAX:
-            prefix.clear()
+        cache = self._lines
+        if len(cache) > _LINE_CACHE_MAX:
+            cache.clear()
         out: list[str] = []
         for name, f in FAMILIES.items():
             samples = rows.get(name)
@@ -118,12 +119,19 @@ class PcietaxCollector(Collector):
             out.append(f"# HELP {head} {doc}\n# TYPE {head} {f.kind}\n")
             for labels, value in samples:
                 key = (name, labels if isinstance(labels, tuple) else tuple(sorted(labels.items())))
-                p = prefix.get(key)
-                if p is None:
+                hit = cache.get(key)
+                if hit is not None and hit[1] == value:
+                    out.append(hit[2])  # unchanged since the last render (link state, idle IRQs)
+                    continue
+                if hit is None:
                     lv = dict(labels)
                     inner = ",".join(f'{k}="{_escape_value(lv.get(k, ""))}"' for k in sorted(f.labels))
-                    p = prefix[key] = f"{sample_name}{{{inner}}} " if inner else f"{sample_name} "
-                out.append(p + floatToGoString(value) + "\n")
+                    prefix = f"{sample_name}{{{inner}}} " if inner else f"{sample_name} "
+                else:
+                    prefix = hit[0]
+                line = prefix + floatToGoString(value) + "\n"
+                cache[key] = (prefix, value, line)
+                out.append(line)
         if openmetrics:
             out.append("# EOF\n")
         return "".join(out).encode("utf-8")
