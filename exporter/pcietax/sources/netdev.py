@@ -18,7 +18,7 @@ from typing import NamedTuple
 from ..counters import CounterAbsorber
 from ..fsread import read_int, read_optional_str, read_text
 from .base import Snapshot, SourceUnavailable
-from .pciaddr import pci_of_device_link
+from .pciaddr import pci_of_class_link
 
 RX = "pcietax_nic_receive_bytes_total"
 TX = "pcietax_nic_transmit_bytes_total"
@@ -73,7 +73,7 @@ class NetdevSource:
         rdma, broken = _rdma_by_pci(self._sysfs, snap)
         counted: set[str] = set()
         for iface, netdev in sorted(stats.items()):
-            pci = pci_of_device_link(self._sysfs / "class/net" / iface / "device")
+            pci = pci_of_class_link(os.path.join(self._sysfs, "class/net", iface))
             if not self._selected(iface, pci):
                 continue
             if pci:
@@ -164,7 +164,7 @@ def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> tuple[dict[str, list[_Port]], s
     except OSError:
         return out, broken
     for dev in devices:
-        pci = pci_of_device_link(base / dev / "device")
+        pci = pci_of_class_link(base / dev)
         if not pci:
             continue
         for port, counters in _ports(base / dev, snap):
