@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fsread import read_text
-from .base import Sample, Snapshot, SourceUnavailable, labels_of
+from .base import Labels, Sample, Snapshot, SourceUnavailable, labels_of
 
 HARDIRQ = "pcietax_hardirq_total"
 SOFTIRQ = "pcietax_softirq_total"
@@ -19,12 +19,18 @@ STAGING = "pcietax_staging_cpu_seconds_total"
 _NONZERO = "0".__ne__
 
 
+# Label sets by (irq, text after the counts): kept across reads, dropped past this size.
+_LABELS_MAX = 20_000
+
+
 @dataclass(frozen=True)
 class IrqLines:
-    """The samples of one read of /proc/interrupts keyed by their line's text, under its CPU header."""
+    """What one read of /proc/interrupts leaves for the next: its samples keyed by their line's text
+    under its CPU header, and the label set of each (irq, text after the counts)."""
 
     header: str = ""
     samples: dict[str, Sample] = field(default_factory=dict)
+    labels: dict[tuple[str, str], Labels] = field(default_factory=dict)
 
 
 def parse_interrupts(text: str, snap: Snapshot, where: str, last: IrqLines | None = None) -> IrqLines:
@@ -40,47 +46,56 @@ def parse_interrupts(text: str, snap: Snapshot, where: str, last: IrqLines | Non
     header = lines[0]
     ncpu = len(header.split())
     cache = last.samples if last is not None and last.header == header else {}
+    labels = last.labels if last is not None and len(last.labels) < _LABELS_MAX else {}
     seen: dict[str, Sample] = {}
     out = snap.counters
     for n, line in enumerate(lines[1:], start=2):
         sample = cache.get(line)
         if sample is None:
-            sample = _interrupt_line(line, ncpu, snap, where, n)
+            sample = _interrupt_line(line, ncpu, snap, where, n, labels)
             if sample is None:
                 continue
         seen[line] = sample
         out.append(sample)
-    return IrqLines(header, seen)
+    return IrqLines(header, seen, labels)
 
 
-def _interrupt_line(line: str, ncpu: int, snap: Snapshot, where: str, n: int) -> Sample | None:
+def _interrupt_line(line: str, ncpu: int, snap: Snapshot, where: str, n: int,
+                    labels: dict[tuple[str, str], Labels]) -> Sample | None:
     head, sep, rest = line.partition(":")
     irq = head.strip()
     if not sep or not irq:
         snap.fault("truncated line", f"{where}:{n}")
         return None
-    parts = rest.split()
     # ERR and MIS carry one node-wide number; every other line one count per CPU, then text
     # (for numbered lines at least the irq chip).
-    single = irq in ("ERR", "MIS")
-    ncounts = 1 if single else ncpu
-    if len(parts) < ncounts or (irq.isdigit() and len(parts) <= ncpu):
+    ncounts = 1 if irq in ("ERR", "MIS") else ncpu
+    parts = rest.split(None, ncounts)
+    text = parts.pop() if len(parts) > ncounts else ""
+    if len(parts) < ncounts or (not text and irq.isdigit()):
         # Cut short: a partial sum would read as a reset now and a jump on the next full read.
         snap.fault("truncated line", f"{where}:{n}")
         return None
     try:
         # Most per-CPU columns are 0 on a big node (IRQ affinity): skip converting those.
-        total = sum(map(int, filter(_NONZERO, parts[:ncounts])))
+        total = sum(map(int, filter(_NONZERO, parts)))
     except ValueError:
         snap.fault("not a number", f"{where}:{n}")
         return None
+    lbl = labels.get((irq, text))
+    if lbl is None:
+        lbl = labels[(irq, text)] = labels_of(irq=irq, name=_irq_name(irq, text))
+    return Sample(HARDIRQ, lbl, float(total))
+
+
+def _irq_name(irq: str, text: str) -> str:
+    words = text.split()
     if irq.isdigit():
         # chip, hwirq-trigger, then the action names (what node_exporter calls "devices").
-        tail = parts[ncpu + 2 :] if len(parts) > ncpu + 2 else parts[ncpu + 1 :]
-        name = " ".join(tail)
-    else:
-        name = " ".join(parts[ncpu:]) if not single and len(parts) > ncpu else irq
-    return Sample(HARDIRQ, labels_of(irq=irq, name=name), float(total))
+        return " ".join(words[2:] if len(words) > 2 else words[1:])
+    if irq in ("ERR", "MIS"):
+        return irq
+    return " ".join(words) or irq
 
 
 def parse_softirqs(text: str, snap: Snapshot, where: str) -> None:
