@@ -111,3 +111,13 @@ def test_cached_lines_follow_new_values():
     body = reg.render(CONTENT_TYPE_PLAIN_0_0_4)
     assert b'name="i8042"} 6.0\n' in body and b"5.0" not in body
     assert body == generate_latest(reg)
+
+
+@pytest.mark.parametrize("v", [0.0, -0.0, 1.0, 3, 1234567.0, 12345678.0, 1.5e300, 2.0**53 + 2, 1e-9, -2.5,
+                               -12345678.0, float("inf"), float("-inf"), float("nan"), 0.1 + 0.2])
+def test_number_format_is_client_pythons(v):
+    from prometheus_client.utils import floatToGoString
+
+    from pcietax.sinks.prometheus import _go_float
+
+    assert _go_float(v) == floatToGoString(v)

@@ -17,7 +17,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, CONTENT_TYPE_PLAIN_1_0_0, choose_encoder
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_1_0_0
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..catalog import FAMILIES, Family, family
@@ -76,6 +75,21 @@ def _rows(fr: Frame, sources: str) -> Rows:
     return rows
 
 
+def _go_float(value: float) -> str:
+    """client_python's floatToGoString with the common case (a finite positive float) first."""
+    d = float(value)
+    s = repr(d)
+    if d > 0:
+        dot = s.find(".")
+        if dot > 6:  # Go switches to exponents sooner than Python
+            mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+            return f"{mantissa}e+{dot - 1:02d}"
+        return "+Inf" if s == "inf" else s
+    if d != d:
+        return "NaN"
+    return "-Inf" if s == "-inf" else s
+
+
 def _escape_value(v: str) -> str:
     return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
@@ -129,7 +143,7 @@ class PcietaxCollector(Collector):
                     prefix = f"{sample_name}{{{inner}}} " if inner else f"{sample_name} "
                 else:
                     prefix = hit[0]
-                line = prefix + floatToGoString(value) + "\n"
+                line = prefix + _go_float(value) + "\n"
                 cache[key] = (prefix, value, line)
                 out.append(line)
         if openmetrics:
