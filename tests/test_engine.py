@@ -307,3 +307,18 @@ def test_duplicate_names_rejected_and_close_closes_every_source():
     eng = make(a, b)
     eng.close()
     assert a.closed and not b.closed  # never started, nothing to close
+
+
+def test_resets_absorbed_inside_a_source_are_counted():
+    def with_resets() -> Snapshot:
+        s = nic(5)()
+        s.resets = 2
+        return s
+
+    eng = make(Scripted("netdev", [nic(10), with_resets]))
+    try:
+        eng.collect()
+        f = eng.collect()
+        assert f.status["netdev"].resets == 2 + 1  # two inside the source, one by the engine (10 -> 5)
+    finally:
+        eng.close()

@@ -176,8 +176,11 @@ def test_rdma_device_vanishes_and_returns_without_a_jump(node):
     roce = node.add_pci("0000:5e:00.0", 0x020000)
     node.add_rdma("mlx5_0", roce, {1: ("Ethernet", 10, 0)})
     node.add_rdma("mlx5_1", node.add_pci("0000:86:00.0", 0x020700), {1: ("InfiniBand", 5, 0)})
-    got = _rx(src.read())
+    snap = src.read()
+    got = _rx(snap)
     assert got["ens5f0"] == 14_100 + 40 and got["ib0"] == 100_020
+    # Both ports restarted in both directions: reported for pcietax_source_resets_total.
+    assert snap.resets == 4
 
 
 def test_rdma_driver_loaded_after_start_adds_only_its_increase(fake_node):

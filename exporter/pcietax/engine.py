@@ -59,6 +59,7 @@ class _Slot:
     errors: int = 0
     absorber: CounterAbsorber = field(default_factory=CounterAbsorber)
     read_ok: bool = False
+    source_resets: int = 0  # absorbed inside the source (Snapshot.resets)
 
 
 class Engine:
@@ -184,6 +185,7 @@ class Engine:
         slot.read_ok = True
         slot.reason = ""
         slot.last = snap
+        slot.source_resets += snap.resets
         for fault in snap.faults:
             slot.errors += 1
             self._log_once(name, str(fault))
@@ -243,7 +245,7 @@ class Engine:
                 reason=slot.reason,
                 duration=slot.duration,
                 errors=slot.errors,
-                resets=slot.absorber.wraps + slot.absorber.resets,
+                resets=slot.absorber.wraps + slot.absorber.resets + slot.source_resets,
             )
         p2p = frozenset(
             dict(labels).get("gpu", "")

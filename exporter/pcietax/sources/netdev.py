@@ -93,7 +93,9 @@ class NetdevSource:
             # A port counter is unreadable before this NIC was ever counted: netdev bytes now and
             # port bytes later would not be one counter. Skip it until then (the fault is recorded).
             return
+        before = self._totals.absorbed()
         rx, tx = self._totals.update(nic, netdev, ports)
+        snap.resets += self._totals.absorbed() - before
         snap.counter(RX, rx, nic=nic, pci_bus_id=pci)
         snap.counter(TX, tx, nic=nic, pci_bus_id=pci)
 
@@ -127,6 +129,10 @@ class _NicTotals:
 
     def known(self, nic: str) -> bool:
         return nic in self._parts
+
+    def absorbed(self) -> int:
+        """Wraps and resets of parts absorbed so far (each direction counts)."""
+        return self._absorber.wraps + self._absorber.resets
 
     def update(self, nic: str, netdev: tuple[int, int] | None, ports: list[_Port]) -> tuple[float, float]:
         first = nic not in self._parts
