@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from conftest import needs_root
 from helpers.asuser import run_as_nobody, world_traversable_dir
 from helpers.fakenode import FakeNode
 from pcietax.sources.base import SourceUnavailable
@@ -213,6 +214,7 @@ def test_infiniband_hca_without_ipoib_is_still_a_nic(fake_node):
     assert _rx(_source(fake_node, ["eth*"]).read()) == {}
 
 
+@needs_root  # drops to nobody: only root can
 def test_permission_denied_is_unavailable():
     """As an unprivileged reader (the exporter run as a user): /proc/net/dev mode 000."""
     root = world_traversable_dir()

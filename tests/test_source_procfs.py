@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from conftest import needs_root
 from helpers.asuser import run_as_nobody, world_traversable_dir
 from helpers.fakenode import FakeNode
 from pcietax.sources.base import SourceUnavailable
@@ -185,6 +186,7 @@ def test_nothing_there_fails_start(tmp_path):
         ProcfsSource(procfs=str(tmp_path / "proc")).start()
 
 
+@needs_root  # drops to nobody: only root can
 def test_permission_denied_counts_a_fault_and_the_rest_flows():
     root = world_traversable_dir()
     try:
