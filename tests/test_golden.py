@@ -15,17 +15,33 @@ and review the diff of tests/golden/gpu_node.prom before committing it.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import pcietax_cmd, pcietax_env
 from helpers.exporters import free_port, running, scrape, serve_args
 from helpers.gpunode import gpu_node
 
 GOLDEN = Path(__file__).parent / "golden" / "gpu_node.prom"
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+def _samples(families) -> dict:
+    out = {}
+    for fam in families:
+        for smp in fam.samples:
+            if smp.name == "pcietax_scrape_duration_seconds":
+                continue
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
 
 
 def normalise(text: str) -> str:
@@ -39,7 +55,15 @@ def test_full_output_matches_golden(tmp_path):
     port = free_port()
     argv = pcietax_cmd() + serve_args(node.sys, node.proc, port, ["--collect.interval=100ms"])
     with running(argv, env=pcietax_env(), port=port) as url:
-        got = normalise(scrape(url))
+        raw = scrape(url)
+        got = normalise(raw)
+        # The same cycle as Prometheus asks for it: OpenMetrics, gzipped.
+        req = urllib.request.Request(url, headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            ctype, om = r.headers["Content-Type"], gzip.decompress(r.read()).decode()
+    assert ctype.startswith("application/openmetrics-text; version=1.0.0")
+    assert om.endswith("# EOF\n")
+    assert _samples(text_string_to_metric_families(raw)) == _samples(openmetrics_families(om))
     if os.environ.get("PCIETAX_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(got)

@@ -17,9 +17,9 @@ from typing import Any
 
 import bcrypt
 from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from . import __version__
-from .sinks.prometheus import exposition
 from .webconfig import WebConfig
 
 log = logging.getLogger("pcietax")
@@ -139,7 +139,13 @@ def make_server(
                 return
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                body, ctype = exposition(registry, self.headers.get("Accept", ""))
+                encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+                # pcietax's own registry writes the formats Prometheus negotiates itself
+                # (sinks/prometheus.PcietaxRegistry.render); anything else goes through client_python.
+                render = getattr(registry, "render", None)
+                body = render(ctype) if render is not None else None
+                if body is None:
+                    body = encoder(registry)
                 extra = {}
                 if "gzip" in self.headers.get("Accept-Encoding", ""):
                     body, extra = gzip.compress(body, compresslevel=1), {"Content-Encoding": "gzip"}

@@ -177,7 +177,8 @@ _FAST_FORMATS = {
 
 
 def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    """Body and content type for a scrape with this Accept header (client_python's negotiation)."""
+    """Body and content type for a scrape with this Accept header (client_python's negotiation),
+    as server.py serves it."""
     encoder, content_type = choose_encoder(accept)
     if isinstance(registry, PcietaxRegistry):
         body = registry.render(content_type)
