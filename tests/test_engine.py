@@ -322,3 +322,21 @@ def test_resets_absorbed_inside_a_source_are_counted():
         assert f.status["netdev"].resets == 2 + 1  # two inside the source, one by the engine (10 -> 5)
     finally:
         eng.close()
+
+
+def test_a_read_that_raises_timeout_error_is_a_failed_read_not_a_hang():
+    """NVML and sockets raise TimeoutError themselves; since Python 3.11 that is the same class as a
+    future's timeout. It must count as one failed read and be retried, not park the source as hung
+    for ever on an already finished future."""
+    src = Scripted("nvml", [nic(1), raises(TimeoutError("nvmlDeviceGetPcieThroughput timed out")), nic(2)])
+    eng = make(src, read_budget=5)
+    try:
+        eng.collect()
+        f = eng.collect()
+        st = f.status["nvml"]
+        assert not st.up and st.reason == "read failed: TimeoutError: nvmlDeviceGetPcieThroughput timed out"
+        assert st.errors == 1 and f.counters[ETH0] == 1
+        f = eng.collect()
+        assert f.status["nvml"].up and f.counters[ETH0] == 2 and src.read_calls == 3
+    finally:
+        eng.close()
