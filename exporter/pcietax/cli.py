@@ -133,12 +133,10 @@ def options_from_args(args: argparse.Namespace) -> SourceOptions:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry
-
     from .engine import Engine
     from .model import TaxModel
     from .server import make_server
-    from .sinks.prometheus import PcietaxCollector
+    from .sinks.prometheus import PcietaxRegistry
     from .sources import SOURCES
     from .webconfig import WebConfigError, WebConfigSource
 
@@ -161,8 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     enabled = [s for s in SOURCES if getattr(args, f"source_{s.name}")]
     engine = Engine([s.build(opts) for s in enabled], TaxModel(args.ratio_window))
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(PcietaxCollector(engine.frame, [s.name for s in enabled]))
+    registry = PcietaxRegistry(engine.frame, [s.name for s in enabled])
     try:
         server = make_server(args.listen, registry, web)
     except ValueError as e:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from .counters import CounterAbsorber
@@ -59,6 +60,7 @@ class _Slot:
     errors: int = 0
     absorber: CounterAbsorber = field(default_factory=CounterAbsorber)
     read_ok: bool = False
+    source_resets: int = 0  # absorbed inside the source (Snapshot.resets)
 
 
 class Engine:
@@ -163,30 +165,40 @@ class Engine:
         name = slot.source.name
         try:
             snap = fut.result(timeout=timeout)
-        except TimeoutError:
-            slot.pending = fut
-            slot.read_ok = False
-            slot.reason = f"read took longer than {self._budget:g}s"
-            slot.duration = self._budget
-            self._log_once(name, slot.reason)
-            return
-        except SourceUnavailable as e:
-            slot.read_ok = False
-            slot.reason = str(e)
-            self._log_once(name, f"down: {e}")
-            return
+        except FutureTimeout:
+            if not fut.done():
+                slot.pending = fut
+                slot.read_ok = False
+                slot.reason = f"read took longer than {self._budget:g}s"
+                slot.duration = self._budget
+                self._log_once(name, slot.reason)
+                return
+            # Finished after all: the read raised TimeoutError itself (an NVML or socket timeout;
+            # since Python 3.11 the same class as a future's timeout), or it completed just now.
+            if fut.exception() is not None:
+                self._failed(slot, fut.exception())
+                return
+            snap = fut.result()
         except Exception as e:
-            slot.read_ok = False
-            slot.errors += 1
-            slot.reason = f"read failed: {type(e).__name__}: {e}"
-            self._log_once(name, slot.reason)
+            self._failed(slot, e)
             return
         slot.read_ok = True
         slot.reason = ""
         slot.last = snap
+        slot.source_resets += snap.resets
         for fault in snap.faults:
             slot.errors += 1
             self._log_once(name, str(fault))
+
+    def _failed(self, slot: _Slot, e: BaseException | None) -> None:
+        slot.read_ok = False
+        if isinstance(e, SourceUnavailable):
+            slot.reason = str(e)  # down with its reason, not a fault
+            self._log_once(slot.source.name, f"down: {e}")
+            return
+        slot.errors += 1
+        slot.reason = f"read failed: {type(e).__name__}: {e}"
+        self._log_once(slot.source.name, slot.reason)
 
     def _try_start(self, slot: _Slot) -> None:
         name = slot.source.name
@@ -243,7 +255,7 @@ class Engine:
                 reason=slot.reason,
                 duration=slot.duration,
                 errors=slot.errors,
-                resets=slot.absorber.wraps + slot.absorber.resets,
+                resets=slot.absorber.wraps + slot.absorber.resets + slot.source_resets,
             )
         p2p = frozenset(
             dict(labels).get("gpu", "")
