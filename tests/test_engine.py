@@ -340,3 +340,58 @@ def test_a_read_that_raises_timeout_error_is_a_failed_read_not_a_hang():
         assert f.status["nvml"].up and f.counters[ETH0] == 2 and src.read_calls == 3
     finally:
         eng.close()
+
+
+class _HangingStart:
+    """A source whose start() blocks until released, as an NVML init stuck in the driver or a
+    BPF compile on a loaded machine does."""
+
+    name = "slowstart"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.closed = False
+
+    def start(self) -> None:
+        self.release.wait(30)
+
+    def read(self) -> Snapshot:
+        s = Snapshot(provides=frozenset({"pcietax_nic_receive_bytes_total"}))
+        s.counter("pcietax_nic_receive_bytes_total", 7, nic="eth9", pci_bus_id="")
+        return s
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_hanging_start_is_bounded_and_comes_up_later():
+    slow = _HangingStart()
+    other = Scripted("netdev", [nic(5)])
+    eng = Engine([slow, other], TaxModel(), start_budget=0.2, read_budget=0.2)
+    try:
+        t0 = time.monotonic()
+        eng.start_sources()
+        f = eng.collect()
+        assert time.monotonic() - t0 < 5  # bounded by the budgets, not by the 30 s start
+        assert f.status["netdev"].up
+        assert not f.status["slowstart"].up and f.status["slowstart"].reason.startswith("starting")
+        t1 = time.monotonic()
+        eng.collect()
+        assert time.monotonic() - t1 < 1  # a start still pending does not stall later cycles
+        slow.release.set()
+        deadline = time.monotonic() + 10
+        while not eng.collect().status["slowstart"].up:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        eng.close()
+    assert slow.closed
+
+
+def test_close_waits_for_a_start_in_flight_and_closes_it():
+    slow = _HangingStart()
+    eng = Engine([slow], TaxModel(), start_budget=0.1)
+    eng.start_sources()
+    threading.Timer(0.3, slow.release.set).start()
+    eng.close()  # must not leave a source started after close (its probes would stay attached)
+    assert slow.closed
