@@ -22,6 +22,7 @@ class SourceOptions:
     target_cgroup: str | None = None
     cuda_libs: list[str] = field(default_factory=list)
     cuda_probes: str = "sampled"
+    memcpy_probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,14 @@ class SourceSpec:
     name: str
     help: str
     build: Callable[[SourceOptions], Source]
+
+
+def _ebpf(o: SourceOptions) -> Source:
+    from .ebpf import EbpfSource
+
+    return EbpfSource(procfs=o.procfs, sysfs=o.sysfs, nics=o.nics, target_pids=o.target_pids,
+                      target_comm=o.target_comm, target_cgroup=o.target_cgroup,
+                      cuda_libs_given=o.cuda_libs, cuda_probes=o.cuda_probes, memcpy=o.memcpy_probe)
 
 
 def _netdev(o: SourceOptions) -> Source:
@@ -56,6 +65,7 @@ def _pcie(o: SourceOptions) -> Source:
 
 
 SOURCES: list[SourceSpec] = [
+    SourceSpec("ebpf", "eBPF staging tracer: socket and CUDA copies, IRQ time (BCC, root)", _ebpf),
     SourceSpec("netdev", "NIC byte counters (/proc/net/dev, each physical NIC once)", _netdev),
     SourceSpec("rdma", "RDMA port data counters (/sys/class/infiniband)", _rdma),
     SourceSpec("procfs", "hard IRQs, softirqs and /proc/stat IRQ time", _procfs),
