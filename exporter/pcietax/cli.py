@@ -201,7 +201,14 @@ def _commands() -> dict[str, tuple[AddParser, Run]]:
         "serve": (_add_serve, cmd_serve),
         "calc": (_add_calc, cmd_calc),
         "metrics": (_add_metrics, cmd_metrics),
+        "workload": _workload(),
     }
+
+
+def _workload() -> tuple[AddParser, Run]:
+    from . import workload
+
+    return workload.add_parser, workload.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

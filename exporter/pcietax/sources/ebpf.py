@@ -139,6 +139,7 @@ class EbpfSource:
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
         self._next_rescan = 0.0
+        self._seen_series: set[tuple[str, tuple]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -456,6 +457,16 @@ class EbpfSource:
                     comm = "other"
             self._comm[tgid] = comm or "other"
 
+    def _emit(self, snap: Snapshot, family: str, value: float, **labels: str) -> None:
+        """A per-process series that appears after the source started carries bytes counted since
+        then; the engine takes any series' first value as its baseline, so a new series is shown at
+        0 for one cycle first and its bytes arrive, not vanish, in the next."""
+        key = (family, tuple(sorted(labels.items())))
+        if key not in self._seen_series:
+            self._seen_series.add(key)
+            value = 0.0
+        snap.counter(family, value, **labels)
+
     def _read_socket(self, snap: Snapshot) -> None:
         raw: dict[tuple[int, Any], float] = {}
         for k, vals in self._b["sock_bytes"].items():
@@ -464,12 +475,12 @@ class EbpfSource:
         tracker, folder = self._sock
         folder.add(tracker.deltas(raw), self._comm)
         for (proc, direction), v in sorted(folder.totals().items()):
-            snap.counter(SOCKET, v, direction=direction, process=proc)
+            self._emit(snap, SOCKET, v, direction=direction, process=proc)
 
     def _emit_cuda(self, snap: Snapshot) -> None:
         for fam, (_, folder) in ((CUDA_BYTES, self._cuda_bytes), (CUDA_CALLS, self._cuda_calls)):
             for (proc, (kind, memory)), v in sorted(folder.totals().items()):
-                snap.counter(fam, v, kind=kind, memory=memory, process=proc)
+                self._emit(snap, fam, v, kind=kind, memory=memory, process=proc)
 
     def _read_memcpy(self, snap: Snapshot) -> None:
         raw: dict[tuple[int, Any], float] = {}
@@ -479,7 +490,7 @@ class EbpfSource:
         tracker, folder = self._memcpy_acc
         folder.add(tracker.deltas(raw), self._comm)
         for (proc, direction), v in sorted(folder.totals().items()):
-            snap.counter(MEMCPY, v, direction=direction, process=proc)
+            self._emit(snap, MEMCPY, v, direction=direction, process=proc)
 
     def _read_irqs(self, snap: Snapshot) -> None:
         names = self._irq_names(snap)
