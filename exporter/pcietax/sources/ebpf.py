@@ -144,9 +144,15 @@ class EbpfSource:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Configuration errors first, then what this machine lacks, in the order an operator fixes them.
+        try:
+            pids, comm, cgroup, cgroup_root = self._target_args
+            self._targets = Targets(str(self._procfs), pids, comm, cgroup, cgroup_root)
+        except TargetError as e:
+            raise SourceUnavailable(str(e)) from e
+        bpf_cls = self._load_bcc()
         if os.geteuid() != 0:
             raise SourceUnavailable("not root: loading eBPF programs needs root (CAP_BPF, CAP_PERFMON)")
-        bpf_cls = self._load_bcc()
         self._check_headers()
         events = self._tracefs / "events"
         missing = [tp for tp in REQUIRED_TRACEPOINTS if not (events / tp / "format").exists()]
@@ -158,11 +164,6 @@ class EbpfSource:
         if not self._send:
             log.warning("ebpf: tracepoint sock:sock_send_length missing (Linux < 6.3): "
                         "egress socket copies are not measured")
-        try:
-            pids, comm, cgroup, cgroup_root = self._target_args
-            self._targets = Targets(str(self._procfs), pids, comm, cgroup, cgroup_root)
-        except TargetError as e:
-            raise SourceUnavailable(str(e)) from e
         if self._memcpy and self._targets.node_wide:
             log.warning("ebpf: memcpy probe needs --target.pid/--target.comm/--target.cgroup "
                         "(node-wide it would trap every memcpy on the node); memcpy probe off")
@@ -251,8 +252,10 @@ class EbpfSource:
         now = time.monotonic()
         if not force and now < self._next_rescan:
             return
-        self._next_rescan = now + 2.0
         assert self._targets is not None
+        # Target processes are few: follow them closely (new pids, libraries dlopen'ed later).
+        # Node-wide discovery reads every process's maps, so it runs less often.
+        self._next_rescan = now + (10.0 if self._targets.node_wide else 2.0)
         with self._lock:
             pids = self._targets.resolve()
             tmap = self._b["targets"]
@@ -417,8 +420,7 @@ class EbpfSource:
                 provides.add(MEMCPY)
             snap = Snapshot(provides=frozenset(provides))
             self._check_errors(snap)
-            if self._targets is not None and self._targets.dynamic:
-                self._refresh_targets()
+            self._refresh_targets()
             self._read_socket(snap)
             if self._cuda:
                 if self._mode == "always":

@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if "all" in args.scenario:
         scenarios = list(SCENARIOS)
     set_comm(args.comm)
+    # SIGTERM ends the run like Ctrl-C does, so the peer and metrics children are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     children: list[subprocess.Popen] = []
     try:
         try:
