@@ -238,12 +238,12 @@ class EbpfSource:
     def _configure(self) -> None:
         b = self._b
         assert self._targets is not None
-        cfg = b["config"]
+        cfg = b[b"config"]
         cfg[ctypes.c_int(0)] = ctypes.c_uint64(1 if self._targets.node_wide else 0)
         cg = self._targets.cgroup
         if cg is not None:
             cfg[ctypes.c_int(1)] = ctypes.c_uint64(cg.level)
-            b["target_cgroup"][ctypes.c_uint64(cg.id)] = ctypes.c_uint8(1)
+            b[b"target_cgroup"][ctypes.c_uint64(cg.id)] = ctypes.c_uint8(1)
 
     # -- targets and uprobes -----------------------------------------------------------------
 
@@ -258,7 +258,7 @@ class EbpfSource:
         self._next_rescan = now + (10.0 if self._targets.node_wide else 2.0)
         with self._lock:
             pids = self._targets.resolve()
-            tmap = self._b["targets"]
+            tmap = self._b[b"targets"]
             for pid in pids - self._target_pids:
                 tmap[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
             for pid in self._target_pids - pids:
@@ -305,7 +305,7 @@ class EbpfSource:
             log.info("ebpf: probing %s library %s%s (%d probes)", kind, path,
                      "" if pid < 0 else f" for pid {pid}", n)
         drivers = any(k == "driver" for k in self._libs.values())
-        self._b["config"][ctypes.c_int(2)] = ctypes.c_uint64(1 if drivers else 0)
+        self._b[b"config"][ctypes.c_int(2)] = ctypes.c_uint64(1 if drivers else 0)
 
     def _attach_copy_probes(self, path: str, pid: int, kind: str) -> int:
         if kind == "runtime":
@@ -327,10 +327,8 @@ class EbpfSource:
                     if key in self._attached:
                         continue
                     try:
-                        if is_ret:
-                            self._b.attach_uretprobe(name=path, sym=sym, fn_name=fn, pid=pid)
-                        else:
-                            self._b.attach_uprobe(name=path, sym=sym, fn_name=fn, pid=pid)
+                        attach = self._b.attach_uretprobe if is_ret else self._b.attach_uprobe
+                        attach(name=path.encode(), sym=sym.encode(), fn_name=fn.encode(), pid=pid)
                     except Exception as e:  # a process that just exited, an unreadable file
                         log.debug("ebpf: attach %s to %s:%s pid %d failed: %s", fn, path, sym, pid, e)
                         continue
@@ -345,10 +343,8 @@ class EbpfSource:
             _fn, path, sym, pid = key
             is_ret = self._attached.pop(key, False)
             try:
-                if is_ret:
-                    self._b.detach_uretprobe(name=path, sym=sym, pid=pid)
-                else:
-                    self._b.detach_uprobe(name=path, sym=sym, pid=pid)
+                detach = self._b.detach_uretprobe if is_ret else self._b.detach_uprobe
+                detach(name=path.encode(), sym=sym.encode(), pid=pid)
             except Exception as e:  # the process exited: the kernel already dropped its probe
                 log.debug("ebpf: detach %s:%s pid %d: %s", path, sym, pid, e)
         self._copy_attached = []
@@ -370,7 +366,7 @@ class EbpfSource:
                                 "choice we resolved", pid, path, our_libc)
                     continue
                 try:
-                    self._b.attach_uprobe(name=path, addr=vaddr, fn_name="ptx_memcpy", pid=pid)
+                    self._b.attach_uprobe(name=path.encode(), addr=vaddr, fn_name=b"ptx_memcpy", pid=pid)
                 except Exception as e:
                     log.warning("ebpf: memcpy probe on pid %d failed: %s", pid, e)
 
@@ -378,27 +374,39 @@ class EbpfSource:
 
     def _sample_loop(self) -> None:
         """Attach the copy probes for ``sample_on`` seconds in every ``sample_period``; at the end
-        of each window, scale what it counted by period / (time actually attached)."""
+        of each window, scale what it counted by (time since the last window ended) / (time the
+        probes were attached). Both are measured, not assumed: attaching and detaching take time
+        (symbol lookups, one perf event per probe), which would otherwise bias the estimate."""
+        last_end = time.monotonic()
         while not self._stop.wait(self._sample_period - self._sample_on):
             with self._lock:
                 if self._b is None:
                     return
+                a0 = time.monotonic()
                 for (path, pid), kind in list(self._libs.items()):
                     self._attach_copy_probes(path, pid, kind)
-                t0 = time.monotonic()
+                a1 = time.monotonic()
             if self._stop.wait(self._sample_on):
                 return
             with self._lock:
                 if self._b is None:
                     return
+                d0 = time.monotonic()
                 self._detach_copy_probes()
-                on = max(time.monotonic() - t0, 1e-3)
-                self._fold_cuda(scale=self._sample_period / on)
+                d1 = time.monotonic()
+                on = max((d0 + d1) / 2 - (a0 + a1) / 2, 1e-3)  # each probe is live from mid-attach
+                self._fold_cuda(scale=(d1 - last_end) / on)
+                # Dead processes' entries go only now that their last window is folded.
+                self._fold_per_process()
+                self._cleanup_dead()
+                log.debug("ebpf: sample window on %.3fs of %.3fs (attach %.3fs, detach %.3fs)",
+                          on, d1 - last_end, a1 - a0, d1 - d0)
+                last_end = d1
 
     def _fold_cuda(self, scale: float) -> None:
         raw_b: dict[tuple[int, Any], float] = {}
         raw_c: dict[tuple[int, Any], float] = {}
-        for k, vals in self._b["cuda_copies"].items():
+        for k, vals in self._b[b"cuda_copies"].items():
             memory = "pinned" if k.pinned else "pageable"
             key = (int(k.tgid), (KINDS[k.kind] if k.kind < 2 else "h2d", memory))
             raw_b[key] = float(sum(v.bytes for v in vals))
@@ -421,20 +429,18 @@ class EbpfSource:
             snap = Snapshot(provides=frozenset(provides))
             self._check_errors(snap)
             self._refresh_targets()
-            self._read_socket(snap)
-            if self._cuda:
-                if self._mode == "always":
-                    self._fold_cuda(scale=1.0)
-                self._emit_cuda(snap)
-            if self._memcpy:
-                self._read_memcpy(snap)
+            self._fold_per_process()
+            if self._cuda and self._mode == "always":
+                self._fold_cuda(scale=1.0)
+            self._emit_per_process(snap)
             self._read_irqs(snap)
             self._read_hits(snap)
-            self._cleanup_dead()
+            if self._mode != "sampled":
+                self._cleanup_dead()  # sampled: after each window's fold (_sample_loop)
             return snap
 
     def _check_errors(self, snap: Snapshot) -> None:
-        errs = self._b["errors"]
+        errs = self._b[b"errors"]
         for i, what in enumerate(ERRORS):
             n = int(errs[ctypes.c_int(i)].value)
             if n > self._errors_seen[i]:
@@ -448,7 +454,7 @@ class EbpfSource:
         unknown = tgids - self._comm.keys()
         if not unknown:
             return
-        kernel = self._b["comms"]
+        kernel = self._b[b"comms"]
         for tgid in unknown:
             try:
                 comm = (self._procfs / str(tgid) / "comm").read_text().strip()
@@ -469,42 +475,40 @@ class EbpfSource:
             value = 0.0
         snap.counter(family, value, **labels)
 
-    def _read_socket(self, snap: Snapshot) -> None:
-        raw: dict[tuple[int, Any], float] = {}
-        for k, vals in self._b["sock_bytes"].items():
-            raw[(int(k.tgid), DIRECTIONS[k.dir])] = float(sum(vals))
-        self._learn_comms({t for t, _ in raw})
-        tracker, folder = self._sock
-        folder.add(tracker.deltas(raw), self._comm)
-        for (proc, direction), v in sorted(folder.totals().items()):
+    def _fold_per_process(self) -> None:
+        """Socket and memcpy bytes per (tgid, direction) -> per (process label, direction)."""
+        tables = [(b"sock_bytes", self._sock)]
+        if self._memcpy:
+            tables.append((b"memcpy_bytes", self._memcpy_acc))
+        for name, (tracker, folder) in tables:
+            raw: dict[tuple[int, Any], float] = {}
+            for k, vals in self._b[name].items():
+                raw[(int(k.tgid), DIRECTIONS[k.dir])] = float(sum(vals))
+            self._learn_comms({t for t, _ in raw})
+            folder.add(tracker.deltas(raw), self._comm)
+
+    def _emit_per_process(self, snap: Snapshot) -> None:
+        for (proc, direction), v in sorted(self._sock[1].totals().items()):
             self._emit(snap, SOCKET, v, direction=direction, process=proc)
-
-    def _emit_cuda(self, snap: Snapshot) -> None:
-        for fam, (_, folder) in ((CUDA_BYTES, self._cuda_bytes), (CUDA_CALLS, self._cuda_calls)):
-            for (proc, (kind, memory)), v in sorted(folder.totals().items()):
-                self._emit(snap, fam, v, kind=kind, memory=memory, process=proc)
-
-    def _read_memcpy(self, snap: Snapshot) -> None:
-        raw: dict[tuple[int, Any], float] = {}
-        for k, vals in self._b["memcpy_bytes"].items():
-            raw[(int(k.tgid), DIRECTIONS[k.dir])] = float(sum(vals))
-        self._learn_comms({t for t, _ in raw})
-        tracker, folder = self._memcpy_acc
-        folder.add(tracker.deltas(raw), self._comm)
-        for (proc, direction), v in sorted(folder.totals().items()):
-            self._emit(snap, MEMCPY, v, direction=direction, process=proc)
+        if self._memcpy:
+            for (proc, direction), v in sorted(self._memcpy_acc[1].totals().items()):
+                self._emit(snap, MEMCPY, v, direction=direction, process=proc)
+        if self._cuda:
+            for fam, (_, folder) in ((CUDA_BYTES, self._cuda_bytes), (CUDA_CALLS, self._cuda_calls)):
+                for (proc, (kind, memory)), v in sorted(folder.totals().items()):
+                    self._emit(snap, fam, v, kind=kind, memory=memory, process=proc)
 
     def _read_irqs(self, snap: Snapshot) -> None:
         names = self._irq_names(snap)
         nic_irqs = self._nic_irqs(names)
         staging_hard = 0.0
-        for k, vals in self._b["irq_ns"].items():
+        for k, vals in self._b[b"irq_ns"].items():
             irq = str(k.value)
             secs = sum(vals) / 1e9
             snap.counter(HARDIRQ_S, secs, irq=irq, name=names.get(irq, ""))
             if irq in nic_irqs:
                 staging_hard += secs
-        soft = self._b["softirq_ns"]
+        soft = self._b[b"softirq_ns"]
         for i, vec in enumerate(SOFTIRQ_VECTORS):
             secs = sum(soft[ctypes.c_int(i)]) / 1e9
             snap.counter(SOFTIRQ_S, secs, vector=vec)
@@ -547,7 +551,7 @@ class EbpfSource:
         return out
 
     def _read_hits(self, snap: Snapshot) -> None:
-        hits = self._b["hits"]
+        hits = self._b[b"hits"]
         for i, probe in enumerate(PROBES):
             n = float(sum(hits[ctypes.c_int(i)]))
             snap.counter(HITS, n, probe=probe)
@@ -564,7 +568,7 @@ class EbpfSource:
         if self._memcpy:
             names.append("memcpy_bytes")
         for name in names:
-            table = self._b[name]
+            table = self._b[name.encode()]
             for k in list(table.keys()):
                 t = int(getattr(k, "tgid", getattr(k, "value", -1)))
                 if t in tgids:
@@ -599,7 +603,8 @@ class EbpfSource:
 
         base = timed()
         try:
-            self._b.attach_uprobe(name=path, sym="labs", fn_name="ptx_calibrate", pid=os.getpid())
+            self._b.attach_uprobe(name=path.encode(), sym=b"labs", fn_name=b"ptx_calibrate",
+                                  pid=os.getpid())
         except Exception as e:
             log.warning("ebpf: uprobe calibration failed (%s); assuming 4 us per uprobe hit", e)
             per = 4e-6
@@ -607,7 +612,7 @@ class EbpfSource:
             try:
                 probed = timed()
             finally:
-                self._b.detach_uprobe(name=path, sym="labs", pid=os.getpid())
+                self._b.detach_uprobe(name=path.encode(), sym=b"labs", pid=os.getpid())
             per = max((probed - base) / n, 0.0)
         for p in ("cuda_copy", "cuda_pinned", "memcpy"):
             self._per_hit[p] = per
