@@ -54,10 +54,19 @@ KINDS = ("h2d", "d2h")
 REQUIRED_TRACEPOINTS = ("irq/irq_handler_entry", "irq/irq_handler_exit", "irq/softirq_entry",
                         "irq/softirq_exit", "skb/skb_copy_datagram_iovec")
 SEND_TRACEPOINT = "sock/sock_send_length"  # Linux 6.3+
+# BCC names TRACEPOINT_PROBE(cat, name) programs tracepoint__cat__name.
+TRACEPOINT_PROGS = {
+    "hardirq": ("tracepoint__irq__irq_handler_entry", "tracepoint__irq__irq_handler_exit"),
+    "softirq": ("tracepoint__irq__softirq_entry", "tracepoint__irq__softirq_exit"),
+    "socket_recv": ("tracepoint__skb__skb_copy_datagram_iovec",),
+    "socket_send": ("tracepoint__sock__sock_send_length",),
+}
 
-# Per-hit cost of a tracepoint program when kernel.bpf_stats_enabled is off: BCC's hardirqs/softirqs
-# man pages and our own runs with bpf_stats_enabled=1 put these programs at 50-150 ns.
-TRACEPOINT_COST_S = 100e-9
+# Per-hit cost of each tracepoint probe when kernel.bpf_stats_enabled is off: run_time_ns/run_cnt
+# of these very programs measured with bpf_stats_enabled=1 on this project's CI VM (docs/ebpf.md);
+# bare metal is lower. Entry and exit programs are one hit together.
+TRACEPOINT_COST_S = {"hardirq": 1.4e-6, "softirq": 0.27e-6, "socket_recv": 0.16e-6, "socket_send": 0.22e-6}
+UPROBE_COST_S = 4e-6  # until calibrated: the issue's figure for the CI VM
 
 
 def program_dir() -> Path:
@@ -134,7 +143,10 @@ class EbpfSource:
         self._memcpy_acc = (DeltaTracker(), ProcessFolder(self._top_n))
         self._cuda_bytes = (DeltaTracker(), ProcessFolder(self._top_n))
         self._cuda_calls = (DeltaTracker(), ProcessFolder(self._top_n))
-        self._per_hit = dict.fromkeys(PROBES, TRACEPOINT_COST_S)
+        self._per_hit = {p: TRACEPOINT_COST_S.get(p, UPROBE_COST_S) for p in PROBES}
+        self._overhead = dict.fromkeys(PROBES, 0.0)
+        self._last_hits: dict[str, float] = {}
+        self._last_rt: dict[str, float] = {}
         self._errors_seen = [0] * len(ERRORS)
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
@@ -551,11 +563,42 @@ class EbpfSource:
         return out
 
     def _read_hits(self, snap: Snapshot) -> None:
+        """Hits from the programs' own counter; cost from the kernel's run time of the tracepoint
+        programs while kernel.bpf_stats_enabled is 1, otherwise hits x a per-hit cost (uprobes:
+        calibrated at start, since their trap costs far more than the program the kernel times).
+        Accumulated by delta, so toggling bpf_stats_enabled never makes the counter go back."""
         hits = self._b[b"hits"]
+        stats = _bpf_stats_enabled(self._procfs)
         for i, probe in enumerate(PROBES):
             n = float(sum(hits[ctypes.c_int(i)]))
+            dn = max(0.0, n - self._last_hits.get(probe, 0.0))
+            self._last_hits[probe] = n
+            rt = self._run_time(probe) if stats and probe in TRACEPOINT_PROGS else None
+            last_rt = self._last_rt.pop(probe, None)
+            if rt is not None and last_rt is not None:
+                self._overhead[probe] += max(0.0, rt - last_rt)
+            else:
+                self._overhead[probe] += dn * self._per_hit[probe]
+            if rt is not None:
+                self._last_rt[probe] = rt
             snap.counter(HITS, n, probe=probe)
-            snap.counter(OVERHEAD, n * self._per_hit[probe], probe=probe)
+            snap.counter(OVERHEAD, self._overhead[probe], probe=probe)
+
+    def _run_time(self, probe: str) -> float | None:
+        """Seconds the kernel says this probe's programs ran (bpf_stats), from their fdinfo."""
+        total = 0.0
+        for fn in TRACEPOINT_PROGS[probe]:
+            f = self._b.funcs.get(fn.encode())
+            if f is None:
+                continue
+            try:
+                text = Path(f"/proc/self/fdinfo/{f.fd}").read_text()
+            except OSError:
+                return None
+            for line in text.splitlines():
+                if line.startswith("run_time_ns:"):
+                    total += int(line.split()[1]) / 1e9
+        return total
 
     def _cleanup_dead(self) -> None:
         """Drop map entries of processes that exited (their bytes are already folded)."""
@@ -606,8 +649,9 @@ class EbpfSource:
             self._b.attach_uprobe(name=path.encode(), sym=b"labs", fn_name=b"ptx_calibrate",
                                   pid=os.getpid())
         except Exception as e:
-            log.warning("ebpf: uprobe calibration failed (%s); assuming 4 us per uprobe hit", e)
-            per = 4e-6
+            log.warning("ebpf: uprobe calibration failed (%s); assuming %.1f us per uprobe hit",
+                        e, UPROBE_COST_S * 1e6)
+            per = UPROBE_COST_S
         else:
             try:
                 probed = timed()
@@ -617,6 +661,13 @@ class EbpfSource:
         for p in ("cuda_copy", "cuda_pinned", "memcpy"):
             self._per_hit[p] = per
         log.info("ebpf: calibrated uprobe cost %.2f us per hit", per * 1e6)
+
+
+def _bpf_stats_enabled(procfs: Path) -> bool:
+    try:
+        return (procfs / "sys/kernel/bpf_stats_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def _libc_path() -> str:

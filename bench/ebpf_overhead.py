@@ -1,0 +1,146 @@
+"""The observer's tax: what running `pcietax serve` costs the workload it watches (issue 3).
+
+Measured side by side in one run, alternating so that drift on a shared machine hits every mode
+alike: the reference workload's throughput with no exporter, with the exporter at its defaults
+(node-wide, --cuda.probes sampled), and with --cuda.probes always. Also: the exporter's RSS after
+BPF compilation and its time from start to the first complete scrape (eBPF source up).
+
+    sudo .venv/bin/python bench/ebpf_overhead.py --rounds 5
+
+Prints a table and writes JSON (--json PATH). Needs root (it loads the real probes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("none", "defaults", "always")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "exporter"), env.get("PYTHONPATH")]))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pcietax", *args]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Exporter:
+    def __init__(self, mode: str, stub: str) -> None:
+        self.port = _free_port()
+        args = ["serve", f"--web.listen-address=127.0.0.1:{self.port}", "--cuda.lib", stub]
+        if mode == "always":
+            args += ["--cuda.probes", "always"]
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(_cmd(*args), env=_env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"exporter exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if 'pcietax_source_up{source="ebpf"} 1.0' in r.read().decode():
+                        break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.first_scrape_s = time.monotonic() - t0
+        self.rss_kib = _rss_kib(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def run_workload(peer: str, nbytes: str, chunk: str) -> float:
+    r = subprocess.run(_cmd("workload", "--scenario", "pageable", "--bytes", nbytes, "--chunk", chunk,
+                            "--peer", peer), env=_env(), capture_output=True, text=True, check=True)
+    return float(json.loads(r.stdout)["throughput_bytes_per_second"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5, help="alternations of the three modes")
+    ap.add_argument("--runs", type=int, default=3, help="workload runs per mode per round")
+    ap.add_argument("--bytes", default="256MiB", help="payload per workload run")
+    ap.add_argument("--chunk", default="256KiB", help="bytes per request (one CUDA copy each)")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/ebpf_overhead.py: needs root (it loads the real probes)", file=sys.stderr)
+        return 2
+    stub = subprocess.run(_cmd("workload", "--build-stub"), env=_env(), capture_output=True, text=True,
+                          check=True).stdout.strip()
+    peer_proc = subprocess.Popen(_cmd("workload", "--serve-peer", "127.0.0.1:0"), env=_env(),
+                                 stdout=subprocess.PIPE, text=True)
+    assert peer_proc.stdout is not None
+    peer = peer_proc.stdout.readline().split(" ", 1)[1].strip()
+    tput: dict[str, list[float]] = {m: [] for m in MODES}
+    rss: list[int] = []
+    first: list[float] = []
+    try:
+        run_workload(peer, a.bytes, a.chunk)  # warm caches (stub build, page cache, Python)
+        for rnd in range(a.rounds):
+            order = MODES if rnd % 2 == 0 else tuple(reversed(MODES))
+            for mode in order:
+                exp = Exporter(mode, stub) if mode != "none" else None
+                if exp is not None and mode == "defaults":
+                    rss.append(exp.rss_kib)
+                    first.append(exp.first_scrape_s)
+                try:
+                    tput[mode] += [run_workload(peer, a.bytes, a.chunk) for _ in range(a.runs)]
+                finally:
+                    if exp is not None:
+                        exp.stop()
+    finally:
+        peer_proc.terminate()
+        peer_proc.wait(timeout=10)
+    base = statistics.median(tput["none"])
+    out = {
+        "workload": {"scenario": "pageable", "bytes": a.bytes, "chunk": a.chunk,
+                     "rounds": a.rounds, "runs_per_round": a.runs},
+        "throughput_median_bytes_per_second": {m: statistics.median(v) for m, v in tput.items()},
+        "ratio_vs_no_exporter": {m: statistics.median(v) / base for m, v in tput.items() if m != "none"},
+        "exporter_rss_after_compile_mib": statistics.median(rss) / 1024,
+        "start_to_first_complete_scrape_s": statistics.median(first),
+    }
+    for m in MODES:
+        med = out["throughput_median_bytes_per_second"][m] / 2**20
+        ratio = "" if m == "none" else f"  ratio {out['ratio_vs_no_exporter'][m]:.3f}"
+        print(f"{m:9s} {med:9.1f} MiB/s{ratio}")
+    print(f"RSS after compile: {out['exporter_rss_after_compile_mib']:.1f} MiB; "
+          f"start to first complete scrape: {out['start_to_first_complete_scrape_s']:.2f} s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
