@@ -33,6 +33,8 @@ from .proclabels import DeltaTracker, ProcessFolder
 
 log = logging.getLogger("pcietax")
 
+FileId = tuple[int, int]  # (st_dev, st_ino): one library file, whatever path maps it
+
 SOCKET = "pcietax_socket_copy_bytes_total"
 CUDA_BYTES = "pcietax_cuda_copy_bytes_total"
 CUDA_CALLS = "pcietax_cuda_copy_calls_total"
@@ -126,6 +128,7 @@ class EbpfSource:
         self._calibrate = calibrate
         self._bpf_module = bpf_module
         self._lock = threading.RLock()
+        self._bpf_cls: Any = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -134,9 +137,10 @@ class EbpfSource:
         self._target_pids: set[int] = set()
         self._send = False
         self._cuda = False
-        self._attached: dict[tuple[str, str, str, int], bool] = {}  # (fn, path, sym, pid) -> is_ret
-        self._copy_attached: list[tuple[str, str, str, int]] = []
-        self._libs: dict[tuple[str, int], str] = {}  # (path, pid) -> kind
+        # (program, library file id, symbol, pid) -> BCC's perf event name of the attached probe
+        self._attached: dict[tuple[str, FileId, str, int], bytes] = {}
+        self._copy_attached: list[tuple[str, FileId, str, int]] = []
+        self._libs: dict[tuple[FileId, int], tuple[str, str]] = {}  # (file id, pid) -> (path, kind)
         self._libc_probed: set[tuple[str, int]] = set()
         self._comm: dict[int, str] = {}
         self._sock = (DeltaTracker(), ProcessFolder(self._top_n))
@@ -151,6 +155,7 @@ class EbpfSource:
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
         self._next_rescan = 0.0
+        self._cuda_found = False
         self._seen_series: set[tuple[str, tuple]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -162,7 +167,7 @@ class EbpfSource:
             self._targets = Targets(str(self._procfs), pids, comm, cgroup, cgroup_root)
         except TargetError as e:
             raise SourceUnavailable(str(e)) from e
-        bpf_cls = self._load_bcc()
+        bpf_cls = self._bpf_cls = self._load_bcc()
         if os.geteuid() != 0:
             raise SourceUnavailable("not root: loading eBPF programs needs root (CAP_BPF, CAP_PERFMON)")
         self._check_headers()
@@ -282,52 +287,64 @@ class EbpfSource:
             if self._memcpy:
                 self._attach_memcpy(pids)
 
-    def _cuda_libraries(self, pids: set[int]) -> dict[tuple[str, int], str]:
-        """(library path, pid to attach for; -1 = every process) -> 'runtime' | 'driver'."""
+    def _cuda_libraries(self, pids: set[int]) -> dict[tuple[FileId, int], tuple[str, str]]:
+        """(library file identity, pid to attach for; -1 = every process) -> (a live path to it,
+        'runtime' | 'driver'). One entry per file, whatever paths processes map it under."""
         assert self._targets is not None
-        out: dict[tuple[str, int], str] = {}
-        attach_pids = sorted(pids) if not self._targets.node_wide else [-1]
+        out: dict[tuple[FileId, int], tuple[str, str]] = {}
+        node_wide = self._targets.node_wide
+        attach_pids = [-1] if node_wide else sorted(pids)
         for path in self._cuda_given:
+            fid = cuda_libs.file_id(path)
+            if fid is None:
+                continue
             kind = cuda_libs.lib_kind(os.path.realpath(path)) or cuda_libs.lib_kind(path) or "runtime"
             for pid in attach_pids:
-                out[(path, pid)] = kind
-        scan = sorted(pids)
-        if self._targets.node_wide:
+                out[(fid, pid)] = (path, kind)
+        if node_wide:
             scan = [int(e.name) for e in os.scandir(self._procfs) if e.name.isdigit()]
+        else:
+            scan = sorted(pids)
         for pid in scan:
             for pat in (cuda_libs.RUNTIME_RE, cuda_libs.DRIVER_RE):
                 for path in cuda_libs.discover(self._procfs, pid, pat):
-                    kind = cuda_libs.lib_kind(path) or "runtime"
-                    target_pid = -1 if self._targets.node_wide else pid
-                    if any(cuda_libs.same_file(path, p) and tp == target_pid for (p, tp) in out):
-                        continue
-                    out[(path, target_pid)] = kind
+                    fid = cuda_libs.file_id(path)
+                    if fid is not None:
+                        kind = cuda_libs.lib_kind(path) or "runtime"
+                        out.setdefault((fid, -1 if node_wide else pid), (path, kind))
         return out
 
     def _attach_cuda(self, pids: set[int]) -> None:
         libs = self._cuda_libraries(pids)
-        for (path, pid), kind in libs.items():
-            if (path, pid) in self._libs:
+        # Target processes that exited: release their probes (perf event fds) now.
+        for key in [k for k in self._libs if k[1] >= 0 and k[1] not in pids]:
+            self._detach_where(lambda a, key=key: (a[1], a[3]) == key)
+            del self._libs[key]
+        for key, (path, kind) in libs.items():
+            if key in self._libs:
+                self._libs[key] = (path, kind)  # keep a live path (the process we found it in may exit)
                 continue
-            self._libs[(path, pid)] = kind
+            self._libs[key] = (path, kind)
+            self._cuda_found = True
+            fid, pid = key
             pinned = cuda_libs.RUNTIME_PINNED_PROBES if kind == "runtime" else cuda_libs.DRIVER_PINNED_PROBES
-            n = self._attach_set(path, pid, pinned, copy=False)
+            n = self._attach_set(path, fid, pid, pinned, copy=False)
             if self._mode == "always":
-                n += self._attach_copy_probes(path, pid, kind)
+                n += self._attach_copy_probes(path, fid, pid, kind)
             log.info("ebpf: probing %s library %s%s (%d probes)", kind, path,
                      "" if pid < 0 else f" for pid {pid}", n)
-        drivers = any(k == "driver" for k in self._libs.values())
+        drivers = any(k == "driver" for _, k in self._libs.values())
         self._b[b"config"][ctypes.c_int(2)] = ctypes.c_uint64(1 if drivers else 0)
 
-    def _attach_copy_probes(self, path: str, pid: int, kind: str) -> int:
+    def _attach_copy_probes(self, path: str, fid: FileId, pid: int, kind: str) -> int:
         if kind == "runtime":
-            n = self._attach_set(path, pid, cuda_libs.RUNTIME_COPY_PROBES, copy=True)
-            if any(k == "driver" for k in self._libs.values()):
-                n += self._attach_set(path, pid, cuda_libs.RUNTIME_COPY_RET, copy=True)
+            n = self._attach_set(path, fid, pid, cuda_libs.RUNTIME_COPY_PROBES, copy=True)
+            if any(k == "driver" for _, k in self._libs.values()):
+                n += self._attach_set(path, fid, pid, cuda_libs.RUNTIME_COPY_RET, copy=True)
             return n
-        return self._attach_set(path, pid, cuda_libs.DRIVER_COPY_PROBES, copy=True)
+        return self._attach_set(path, fid, pid, cuda_libs.DRIVER_COPY_PROBES, copy=True)
 
-    def _attach_set(self, path: str, pid: int, probes: cuda_libs.ProbeSet, copy: bool) -> int:
+    def _attach_set(self, path: str, fid: FileId, pid: int, probes: cuda_libs.ProbeSet, copy: bool) -> int:
         present = _symbols(path)
         n = 0
         for is_ret, table in ((False, probes.entry), (True, probes.ret)):
@@ -335,31 +352,38 @@ class EbpfSource:
                 for sym in syms:
                     if sym not in present:
                         continue
-                    key = (fn, path, sym, pid)
+                    key = (fn, fid, sym, pid)
                     if key in self._attached:
                         continue
                     try:
+                        # BCC names the perf event from the resolved path and offset; keep that name,
+                        # so detaching never needs the file again (its process may be gone).
+                        rpath, addr = self._bpf_cls._check_path_symbol(
+                            path.encode(), sym.encode(), None, pid)
+                        ev = self._b._get_uprobe_evname(b"r" if is_ret else b"p", rpath, addr, pid)
                         attach = self._b.attach_uretprobe if is_ret else self._b.attach_uprobe
                         attach(name=path.encode(), sym=sym.encode(), fn_name=fn.encode(), pid=pid)
                     except Exception as e:  # a process that just exited, an unreadable file
                         log.debug("ebpf: attach %s to %s:%s pid %d failed: %s", fn, path, sym, pid, e)
                         continue
-                    self._attached[key] = is_ret
+                    self._attached[key] = ev
                     if copy:
                         self._copy_attached.append(key)
                     n += 1
         return n
 
-    def _detach_copy_probes(self) -> None:
-        for key in self._copy_attached:
-            _fn, path, sym, pid = key
-            is_ret = self._attached.pop(key, False)
+    def _detach_where(self, match: Callable[[tuple], bool]) -> None:
+        for key in [k for k in self._attached if match(k)]:
+            ev = self._attached.pop(key)
             try:
-                detach = self._b.detach_uretprobe if is_ret else self._b.detach_uprobe
-                detach(name=path.encode(), sym=sym.encode(), pid=pid)
-            except Exception as e:  # the process exited: the kernel already dropped its probe
-                log.debug("ebpf: detach %s:%s pid %d: %s", path, sym, pid, e)
-        self._copy_attached = []
+                self._b.detach_uprobe_event(ev)
+            except Exception as e:
+                log.debug("ebpf: detach %s: %s", ev, e)
+        self._copy_attached = [k for k in self._copy_attached if k in self._attached]
+
+    def _detach_copy_probes(self) -> None:
+        copy = set(self._copy_attached)
+        self._detach_where(lambda k: k in copy)
 
     def _attach_memcpy(self, pids: set[int]) -> None:
         try:
@@ -395,8 +419,8 @@ class EbpfSource:
                 if self._b is None:
                     return
                 a0 = time.monotonic()
-                for (path, pid), kind in list(self._libs.items()):
-                    self._attach_copy_probes(path, pid, kind)
+                for (fid, pid), (path, kind) in list(self._libs.items()):
+                    self._attach_copy_probes(path, fid, pid, kind)
                 a1 = time.monotonic()
             if self._stop.wait(self._sample_on):
                 return
@@ -434,7 +458,9 @@ class EbpfSource:
             if self._b is None:
                 raise SourceUnavailable("not started")
             provides = {SOCKET, HARDIRQ_S, SOFTIRQ_S, STAGING, HITS, OVERHEAD}
-            if self._cuda and self._mode != "off" and self._libs:
+            # Measured from the first CUDA library found on: a target exiting (its probes released)
+            # must not flip the host_to_gpu hop to another source while its last bytes arrive.
+            if self._cuda and self._mode != "off" and self._cuda_found:
                 provides |= {CUDA_BYTES, CUDA_CALLS}
             if self._memcpy:
                 provides.add(MEMCPY)
@@ -500,15 +526,23 @@ class EbpfSource:
             folder.add(tracker.deltas(raw), self._comm)
 
     def _emit_per_process(self, snap: Snapshot) -> None:
-        for (proc, direction), v in sorted(self._sock[1].totals().items()):
-            self._emit(snap, SOCKET, v, direction=direction, process=proc)
-        if self._memcpy:
-            for (proc, direction), v in sorted(self._memcpy_acc[1].totals().items()):
-                self._emit(snap, MEMCPY, v, direction=direction, process=proc)
-        if self._cuda:
-            for fam, (_, folder) in ((CUDA_BYTES, self._cuda_bytes), (CUDA_CALLS, self._cuda_calls)):
-                for (proc, (kind, memory)), v in sorted(folder.totals().items()):
-                    self._emit(snap, fam, v, kind=kind, memory=memory, process=proc)
+        """Every series of every process label at once, zeros included: a process's second kind of
+        traffic (its first pinned copy after pageable ones) then lands on a series the engine
+        already knows, instead of waiting a cycle as a new one."""
+        sock, mc = self._sock[1].totals(), self._memcpy_acc[1].totals()
+        cb, cc = self._cuda_bytes[1].totals(), self._cuda_calls[1].totals()
+        procs = sorted({p for p, _ in (*sock, *mc, *cb, *cc)})
+        for proc in procs:
+            for d in DIRECTIONS:
+                self._emit(snap, SOCKET, sock.get((proc, d), 0.0), direction=d, process=proc)
+                if self._memcpy:
+                    self._emit(snap, MEMCPY, mc.get((proc, d), 0.0), direction=d, process=proc)
+            if self._cuda:
+                for kind in KINDS:
+                    for mem in ("pinned", "pageable"):
+                        k = (proc, (kind, mem))
+                        self._emit(snap, CUDA_BYTES, cb.get(k, 0.0), kind=kind, memory=mem, process=proc)
+                        self._emit(snap, CUDA_CALLS, cc.get(k, 0.0), kind=kind, memory=mem, process=proc)
 
     def _read_irqs(self, snap: Snapshot) -> None:
         names = self._irq_names(snap)
