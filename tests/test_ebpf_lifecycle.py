@@ -107,6 +107,12 @@ def test_missing_tracepoint_is_down_naming_it(tmp_path):
 
 
 @needs_root
+def test_unmounted_tracefs_is_down_with_the_mount_command(tmp_path):
+    with pytest.raises(SourceUnavailable, match=r"tracefs not mounted at .*mount -t tracefs"):
+        EbpfSource(tracefs=str(tmp_path), calibrate=False).start()
+
+
+@needs_root
 def test_no_kernel_headers_is_down_naming_the_path(tmp_path):
     with pytest.raises(SourceUnavailable, match=r"no kernel headers at .*/build"):
         EbpfSource(modules=str(tmp_path), calibrate=False).start()

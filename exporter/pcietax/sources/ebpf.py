@@ -172,11 +172,14 @@ class EbpfSource:
             raise SourceUnavailable("not root: loading eBPF programs needs root (CAP_BPF, CAP_PERFMON)")
         self._check_headers()
         events = self._tracefs / "events"
+        if not events.is_dir():
+            raise SourceUnavailable(f"tracefs not mounted at {self._tracefs} "
+                                    f"(mount -t tracefs nodev {self._tracefs}; scripts/setup.sh does)")
         missing = [tp for tp in REQUIRED_TRACEPOINTS if not (events / tp / "format").exists()]
         if missing:
             raise SourceUnavailable(
                 f"tracepoint {missing[0].replace('/', ':')} missing in {self._tracefs}/events "
-                "(kernel built without it, or tracefs not mounted)")
+                "(this kernel was built without it)")
         self._send = (self._tracefs / "events" / SEND_TRACEPOINT / "format").exists()
         if not self._send:
             log.warning("ebpf: tracepoint sock:sock_send_length missing (Linux < 6.3): "
