@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -79,10 +80,22 @@ class Exporter:
         self.proc.wait(timeout=30)
 
 
-def run_workload(peer: str, nbytes: str, chunk: str) -> float:
+def _cpu_s(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_workload(peer: str, peer_pid: int, nbytes: str, chunk: str) -> tuple[float, float]:
+    """(throughput in bytes/s, CPU seconds per GiB of workload + peer: what the probes' traps and
+    programs add shows here even when a busy machine blurs throughput)."""
+    c0, p0 = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_s(peer_pid)
     r = subprocess.run(_cmd("workload", "--scenario", "pageable", "--bytes", nbytes, "--chunk", chunk,
                             "--peer", peer), env=_env(), capture_output=True, text=True, check=True)
-    return float(json.loads(r.stdout)["throughput_bytes_per_second"])
+    c1, p1 = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_s(peer_pid)
+    truth = json.loads(r.stdout)
+    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime) + (p1 - p0)
+    gib = sum(truth["payload_bytes"].values()) / 2**30
+    return float(truth["throughput_bytes_per_second"]), cpu / gib
 
 
 def main() -> int:
@@ -103,10 +116,11 @@ def main() -> int:
     assert peer_proc.stdout is not None
     peer = peer_proc.stdout.readline().split(" ", 1)[1].strip()
     tput: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     rss: list[int] = []
     first: list[float] = []
     try:
-        run_workload(peer, a.bytes, a.chunk)  # warm caches (stub build, page cache, Python)
+        run_workload(peer, peer_proc.pid, a.bytes, a.chunk)  # warm caches (page cache, Python)
         for rnd in range(a.rounds):
             order = MODES if rnd % 2 == 0 else tuple(reversed(MODES))
             for mode in order:
@@ -115,7 +129,10 @@ def main() -> int:
                     rss.append(exp.rss_kib)
                     first.append(exp.first_scrape_s)
                 try:
-                    tput[mode] += [run_workload(peer, a.bytes, a.chunk) for _ in range(a.runs)]
+                    for _ in range(a.runs):
+                        t, c = run_workload(peer, peer_proc.pid, a.bytes, a.chunk)
+                        tput[mode].append(t)
+                        cpu[mode].append(c)
                 finally:
                     if exp is not None:
                         exp.stop()
@@ -128,13 +145,19 @@ def main() -> int:
                      "rounds": a.rounds, "runs_per_round": a.runs},
         "throughput_median_bytes_per_second": {m: statistics.median(v) for m, v in tput.items()},
         "ratio_vs_no_exporter": {m: statistics.median(v) / base for m, v in tput.items() if m != "none"},
+        "cpu_seconds_per_gib_median": {m: statistics.median(v) for m, v in cpu.items()},
+        "cpu_ratio_vs_no_exporter": {m: statistics.median(cpu["none"]) / statistics.median(v)
+                                     for m, v in cpu.items() if m != "none"},
         "exporter_rss_after_compile_mib": statistics.median(rss) / 1024,
         "start_to_first_complete_scrape_s": statistics.median(first),
     }
+    print("mode      throughput (ratio)        CPU s/GiB (ratio: none / mode)")
     for m in MODES:
         med = out["throughput_median_bytes_per_second"][m] / 2**20
-        ratio = "" if m == "none" else f"  ratio {out['ratio_vs_no_exporter'][m]:.3f}"
-        print(f"{m:9s} {med:9.1f} MiB/s{ratio}")
+        c = out["cpu_seconds_per_gib_median"][m]
+        r1 = "" if m == "none" else f"({out['ratio_vs_no_exporter'][m]:.3f})"
+        r2 = "" if m == "none" else f"({out['cpu_ratio_vs_no_exporter'][m]:.3f})"
+        print(f"{m:9s} {med:8.1f} MiB/s {r1:8s}    {c:6.3f} {r2}")
     print(f"RSS after compile: {out['exporter_rss_after_compile_mib']:.1f} MiB; "
           f"start to first complete scrape: {out['start_to_first_complete_scrape_s']:.2f} s")
     if a.json:

@@ -287,8 +287,17 @@ class EbpfSource:
             self._target_pids = pids
             if self._cuda:
                 self._attach_cuda(pids)
+                self._drop_dead_pinned()
             if self._memcpy:
                 self._attach_memcpy(pids)
+
+    def _drop_dead_pinned(self) -> None:
+        """Pinned-range tables of exited processes (those that never copied are not in _comm)."""
+        table = self._b[b"pinned"]
+        for k in list(table.keys()):
+            if not (self._procfs / str(k.value)).exists():
+                with contextlib.suppress(KeyError):
+                    del table[k]
 
     def _cuda_libraries(self, pids: set[int]) -> dict[tuple[FileId, int], tuple[str, str]]:
         """(library file identity, pid to attach for; -1 = every process) -> (a live path to it,
