@@ -216,3 +216,46 @@ def test_sampled_probes_estimate_copies_and_keep_pinned_tracking():
                if s.family == "pcietax_probe_hits_total" and dict(s.labels)["probe"] == "cuda_copy")
     assert hits < 0.8 * truth["calls"], "copy probes were never detached"
 
+
+
+# --- cgroup targets ---------------------------------------------------------------------------
+
+
+@needs_root
+def test_cgroup_target_counts_the_processes_inside_only(tmp_path):
+    """--target.cgroup is matched in the kernel by ancestry: a process that joins the cgroup is
+    counted from its first byte; the same workload outside it, at the same time, is not."""
+    from pcietax.sources.ebpf_targets import cgroup2_mount
+
+    root = Path(cgroup2_mount(Path("/proc")))
+    if not (root / "cgroup.procs").exists():
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    cg = root / f"ptx-test-{os.getpid()}"
+    cg.mkdir()
+    peer = subprocess.Popen([*pcietax_cmd(), "workload", "--serve-peer", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, text=True, env=pcietax_env())
+    src = EbpfSource(target_cgroup=str(cg), cuda_probes="off", calibrate=False)
+    try:
+        assert peer.stdout is not None
+        addr = peer.stdout.readline().split(" ", 1)[1].strip()
+        src.start()
+        src.read()
+        run = [*pcietax_cmd(), "workload", "--scenario", "pinned", "--bytes", "8MiB", "--peer", addr]
+        inside = subprocess.Popen(["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh", *run,
+                                   "--comm", "ptx-in"], stdout=subprocess.PIPE, text=True, env=pcietax_env())
+        outside = subprocess.Popen([*run, "--comm", "ptx-out"], stdout=subprocess.DEVNULL, env=pcietax_env())
+        out, _ = inside.communicate(timeout=120)
+        assert inside.returncode == 0 and outside.wait(timeout=120) == 0
+        src.read()  # a new series shows 0 once (the engine's baseline), then its value
+        snap = src.read()
+    finally:
+        src.close()
+        peer.terminate()
+        peer.wait(timeout=10)
+        cg.rmdir()
+    truth = json.loads(out)["socket_copy_bytes"]
+    got = {(dict(s.labels)["process"], dict(s.labels)["direction"]): s.value for s in snap.counters
+           if s.family == "pcietax_socket_copy_bytes_total"}
+    assert {p for p, _ in got} == {"ptx-in"}
+    assert got[("ptx-in", "ingress")] == pytest.approx(truth["ingress"], rel=0.02)
+    assert got[("ptx-in", "egress")] == pytest.approx(truth["egress"], rel=0.02)

@@ -98,7 +98,7 @@ class EbpfSource:
         target_pids: list[int] | None = None,
         target_comm: str | None = None,
         target_cgroup: str | None = None,
-        cgroup_root: str = "/sys/fs/cgroup",
+        cgroup_root: str | None = None,
         cuda_libs_given: list[str] | None = None,
         cuda_probes: str = "sampled",
         memcpy: bool = False,

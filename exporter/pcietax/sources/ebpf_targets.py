@@ -32,7 +32,7 @@ class Targets:
         pids: list[int] | None = None,
         comm: str | None = None,
         cgroup: str | None = None,
-        cgroup_root: str = "/sys/fs/cgroup",
+        cgroup_root: str | None = None,
     ) -> None:
         self._procfs = Path(procfs)
         self.pids = sorted(set(pids or []))
@@ -40,7 +40,8 @@ class Targets:
             self._comm = re.compile(comm) if comm else None
         except re.error as e:
             raise TargetError(f"--target.comm {comm!r} is not a valid regex: {e}") from e
-        self.cgroup = _cgroup_target(cgroup, cgroup_root) if cgroup else None
+        root = cgroup_root or cgroup2_mount(self._procfs)
+        self.cgroup = _cgroup_target(cgroup, root) if cgroup else None
 
     @property
     def node_wide(self) -> bool:
@@ -69,6 +70,17 @@ class Targets:
             if self.cgroup is not None and _in_cgroup(self._procfs / entry.name / "cgroup", self.cgroup.path):
                 out.add(pid)
         return out
+
+
+def cgroup2_mount(procfs: Path) -> str:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup on unified systems,
+    /sys/fs/cgroup/unified on hybrid ones (cgroup v1 controllers beside it)."""
+    text = _read(procfs / "self/mounts") or ""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            return parts[1]
+    return "/sys/fs/cgroup"
 
 
 def _read(path: Path) -> str | None:
