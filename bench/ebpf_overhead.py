@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "exporter"))
 MODES = ("none", "defaults", "always")
 
 
@@ -75,9 +76,21 @@ class Exporter:
         self.first_scrape_s = time.monotonic() - t0
         self.rss_kib = _rss_kib(self.proc.pid)
 
+    def overhead_s(self) -> float:
+        """The exporter's own account of what its probes cost (pcietax_probe_overhead_seconds_total)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                       if line.startswith("pcietax_probe_overhead_seconds_total{"))
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
+
+
+def _bytes(text: str) -> int:
+    from pcietax.workload import _size
+
+    return _size(text)
 
 
 def _cpu_s(pid: int) -> float:
@@ -117,6 +130,7 @@ def main() -> int:
     peer = peer_proc.stdout.readline().split(" ", 1)[1].strip()
     tput: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    own: dict[str, list[float]] = {m: [] for m in MODES if m != "none"}  # probe s per GiB
     rss: list[int] = []
     first: list[float] = []
     try:
@@ -129,10 +143,14 @@ def main() -> int:
                     rss.append(exp.rss_kib)
                     first.append(exp.first_scrape_s)
                 try:
+                    o0 = exp.overhead_s() if exp is not None else 0.0
                     for _ in range(a.runs):
                         t, c = run_workload(peer, peer_proc.pid, a.bytes, a.chunk)
                         tput[mode].append(t)
                         cpu[mode].append(c)
+                    if exp is not None:
+                        time.sleep(1.5)  # one collection cycle
+                        own[mode].append((exp.overhead_s() - o0) / (a.runs * _bytes(a.bytes) / 2**30))
                 finally:
                     if exp is not None:
                         exp.stop()
@@ -148,6 +166,12 @@ def main() -> int:
         "cpu_seconds_per_gib_median": {m: statistics.median(v) for m, v in cpu.items()},
         "cpu_ratio_vs_no_exporter": {m: statistics.median(cpu["none"]) / statistics.median(v)
                                      for m, v in cpu.items() if m != "none"},
+        # What the exporter itself reports its probes cost per GiB moved, and the throughput ratio
+        # that implies for a CPU-bound workload: none / (none + probes).
+        "probe_seconds_per_gib_self_reported": {m: statistics.median(v) for m, v in own.items()},
+        "ratio_implied_by_self_reported_cost": {
+            m: statistics.median(cpu["none"]) / (statistics.median(cpu["none"]) + statistics.median(v))
+            for m, v in own.items()},
         "exporter_rss_after_compile_mib": statistics.median(rss) / 1024,
         "start_to_first_complete_scrape_s": statistics.median(first),
     }
@@ -158,6 +182,9 @@ def main() -> int:
         r1 = "" if m == "none" else f"({out['ratio_vs_no_exporter'][m]:.3f})"
         r2 = "" if m == "none" else f"({out['cpu_ratio_vs_no_exporter'][m]:.3f})"
         print(f"{m:9s} {med:8.1f} MiB/s {r1:8s}    {c:6.3f} {r2}")
+    for m, v in out["ratio_implied_by_self_reported_cost"].items():
+        print(f"{m:9s} probes' self-reported cost {out['probe_seconds_per_gib_self_reported'][m]:.4f} s/GiB"
+              f" -> implied ratio {v:.4f}")
     print(f"RSS after compile: {out['exporter_rss_after_compile_mib']:.1f} MiB; "
           f"start to first complete scrape: {out['start_to_first_complete_scrape_s']:.2f} s")
     if a.json:
