@@ -13,13 +13,16 @@
 //   PTX_MEMCPY   the opt-in memcpy uprobe (copies into or out of pinned buffers)
 //   PTX_CGROUP   target processes by cgroup v2 ancestry
 //   PTX_MAX_PINNED  pinned ranges remembered per process
+//   PTX_MAX_PROCS   processes tracked at once
 
 #include <uapi/linux/ptrace.h>
 
 #ifndef PTX_MAX_PINNED
 #define PTX_MAX_PINNED 64
 #endif
-#define PTX_MAX_PROCS 10240
+#ifndef PTX_MAX_PROCS
+#define PTX_MAX_PROCS 10240  // processes tracked at once per map
+#endif
 
 // Probe ids: index of pcietax_probe_hits_total{probe}; keep in step with PROBES in ebpf.py.
 enum {

@@ -127,6 +127,23 @@ def test_compile_error_is_down_with_the_compiler_message(tmp_path):
         EbpfSource(program=str(bad), calibrate=False).start()
 
 
+@needs_root
+def test_full_map_is_down_while_updates_are_lost():
+    """Per-process maps sized for 2 processes, node-wide: a few more processes moving socket bytes
+    overflow them, and the source says so instead of quietly under-counting."""
+    src = EbpfSource(max_procs=2, cuda_probes="off", calibrate=False)
+    code = ("import socket\na, b = socket.socketpair()\n"
+            "for _ in range(10):\n    a.send(b'x' * 100); b.recv(100)\n")
+    try:
+        src.start()
+        for _ in range(4):
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+        with pytest.raises(SourceUnavailable, match=r"BPF map full: \d+ updates lost .*more than 2 traced"):
+            src.read()
+    finally:
+        src.close()
+
+
 # --- stopping detaches everything -------------------------------------------------------------
 
 

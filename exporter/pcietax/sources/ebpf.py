@@ -106,6 +106,7 @@ class EbpfSource:
         sample_on: float = 1.0,
         sample_period: float = 10.0,
         calibrate: bool = True,
+        max_procs: int = 10240,
         bpf_module: Callable[[], Any] | None = None,
     ) -> None:
         if cuda_probes not in ("off", "sampled", "always"):
@@ -126,6 +127,7 @@ class EbpfSource:
         self._sample_on = sample_on
         self._sample_period = sample_period
         self._calibrate = calibrate
+        self._max_procs = max_procs
         self._bpf_module = bpf_module
         self._lock = threading.RLock()
         self._bpf_cls: Any = None
@@ -193,7 +195,7 @@ class EbpfSource:
             text = self._program.read_text()
         except OSError as e:
             raise SourceUnavailable(f"cannot read BPF program {self._program}: {e.strerror}") from e
-        cflags = ["-Wno-macro-redefined", "-Wno-unknown-warning-option"]
+        cflags = ["-Wno-macro-redefined", "-Wno-unknown-warning-option", f"-DPTX_MAX_PROCS={self._max_procs}"]
         if self._send:
             cflags.append("-DPTX_SEND")
         if self._cuda:
@@ -496,8 +498,9 @@ class EbpfSource:
             if n > self._errors_seen[i]:
                 self._errors_seen[i] = n
                 if i == 0:
-                    raise SourceUnavailable(f"BPF map full: {n} updates lost (more than 10240 traced "
-                                            "processes at once)")
+                    # Down for as long as updates are being lost: the counts are short meanwhile.
+                    raise SourceUnavailable(f"BPF map full: {n} updates lost (more than "
+                                            f"{self._max_procs} traced processes at once)")
                 snap.fault(what, f"ebpf ({n} so far)")
 
     def _learn_comms(self, tgids: set[int]) -> None:
