@@ -126,18 +126,16 @@ def _delta(after: dict, before: dict, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_every_hop_matches_ground_truth(exporter, peer, outsider, scenario):
-    url, log = exporter
-    wl = subprocess.Popen(
-        [*pcietax_cmd(), "workload", "--comm", TARGET, "--scenario", scenario, "--bytes", str(PAYLOAD),
-         "--peer", peer, "--wait-signal"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pcietax_env())
+def _run_target(url: str, log: Path, peer: str, *args: str, libs: int = 1) -> tuple[dict, dict]:
+    """Run the target workload once the exporter has probed its CUDA libraries; returns the
+    exporter's scrape from just before it moved data, and the workload's ground truth."""
+    argv = [*pcietax_cmd(), "workload", "--comm", TARGET, "--peer", peer, "--wait-signal", *args]
+    wl = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pcietax_env())
     try:
         _wait_line(wl, "ready pid=", stream="stderr")
-        # The exporter finds the target by comm and probes the CUDA runtime it maps (rescan <= 2 s).
+        # The exporter finds the target by comm and probes the CUDA libraries it maps (rescan <= 2 s).
         deadline = time.monotonic() + 30
-        while f"for pid {wl.pid} " not in Path(log).read_text():
+        while Path(log).read_text().count(f"for pid {wl.pid} ") < libs:
             assert time.monotonic() < deadline, f"pid {wl.pid} not probed:\n{Path(log).read_text()}"
             time.sleep(0.2)
         before = scrape(url)
@@ -146,7 +144,21 @@ def test_every_hop_matches_ground_truth(exporter, peer, outsider, scenario):
         assert wl.returncode == 0, err
     finally:
         _stop(wl)
-    truth = json.loads(out)
+    return before, json.loads(out)
+
+
+def _assert_cuda_exact(after: dict, before: dict, truth: dict) -> None:
+    for kind, per_mem in truth["cuda_copies"].items():
+        for mem, c in per_mem.items():
+            got = (_delta(after, before, "pcietax_cuda_copy_bytes_total", kind=kind, memory=mem),
+                   _delta(after, before, "pcietax_cuda_copy_calls_total", kind=kind, memory=mem))
+            assert got == (c["bytes"], c["calls"]), (kind, mem)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_hop_matches_ground_truth(exporter, peer, outsider, scenario):
+    url, log = exporter
+    before, truth = _run_target(url, log, peer, "--scenario", scenario, "--bytes", str(PAYLOAD))
     x = DIRECTION[scenario]
     after = _settled(url, before, truth)
 
@@ -155,10 +167,7 @@ def test_every_hop_matches_ground_truth(exporter, peer, outsider, scenario):
         got = _delta(after, before, "pcietax_socket_copy_bytes_total", direction=d, process=TARGET)
         assert got == pytest.approx(truth["socket_copy_bytes"][d], rel=0.02), (d, got)
     # CUDA copies: exact, bytes and calls, per kind and memory class.
-    for kind, per_mem in truth["cuda_copies"].items():
-        for mem, c in per_mem.items():
-            assert _delta(after, before, "pcietax_cuda_copy_bytes_total", kind=kind, memory=mem) == c["bytes"]
-            assert _delta(after, before, "pcietax_cuda_copy_calls_total", kind=kind, memory=mem) == c["calls"]
+    _assert_cuda_exact(after, before, truth)
     for d in ("ingress", "egress"):
         got = _delta(after, before, "pcietax_memcpy_bytes_total", direction=d)
         assert got == pytest.approx(truth["memcpy_bytes"][d], rel=0.02, abs=4096), (d, got)
@@ -181,3 +190,16 @@ def test_every_hop_matches_ground_truth(exporter, peer, outsider, scenario):
     assert not has(after, "pcietax_socket_copy_bytes_total", process=OUTSIDER)
     assert not has(after, "pcietax_cuda_copy_bytes_total", process=OUTSIDER)
     assert not has(after, "pcietax_socket_copy_bytes_total", process="ptx-peer")
+
+
+@pytest.mark.parametrize("args", [["--stub-driver"], ["--api", "driver"]],
+                         ids=["runtime-over-driver", "driver-api"])
+def test_cuda_copies_count_once_through_runtime_and_driver(exporter, peer, args):
+    """NVIDIA's runtime calls the driver API for each copy: with both libraries probed, a runtime
+    copy must count once (runtime-over-driver); a program calling the driver API itself must count
+    too (driver-api: the driver probes' argument positions)."""
+    url, log = exporter
+    before, truth = _run_target(url, log, peer, "--scenario", "pageable", "--scenario", "pinned",
+                                "--scenario", "egress", "--bytes", "16MiB", *args, libs=2)
+    after = _settled(url, before, truth)
+    _assert_cuda_exact(after, before, truth)

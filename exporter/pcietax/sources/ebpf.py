@@ -334,7 +334,11 @@ class EbpfSource:
         for key in [k for k in self._libs if k[1] >= 0 and k[1] not in pids]:
             self._detach_where(lambda a, key=key: (a[1], a[3]) == key)
             del self._libs[key]
-        for key, (path, kind) in libs.items():
+        # The runtime's copies call the driver's: once any driver library is probed, runtime copies
+        # must mark their thread (config[2]) and clear the mark on return, before anything attaches.
+        drivers = any(k == "driver" for _, k in (*self._libs.values(), *libs.values()))
+        self._b[b"config"][ctypes.c_int(2)] = ctypes.c_uint64(1 if drivers else 0)
+        for key, (path, kind) in sorted(libs.items(), key=lambda kv: kv[1][1] != "driver"):
             if key in self._libs:
                 self._libs[key] = (path, kind)  # keep a live path (the process we found it in may exit)
                 continue
@@ -347,8 +351,10 @@ class EbpfSource:
                 n += self._attach_copy_probes(path, fid, pid, kind)
             log.info("ebpf: probing %s library %s%s (%d probes)", kind, path,
                      "" if pid < 0 else f" for pid {pid}", n)
-        drivers = any(k == "driver" for _, k in self._libs.values())
-        self._b[b"config"][ctypes.c_int(2)] = ctypes.c_uint64(1 if drivers else 0)
+        if drivers and self._mode == "always":  # runtime libraries probed before a driver appeared
+            for (fid, pid), (path, kind) in self._libs.items():
+                if kind == "runtime":
+                    self._attach_set(path, fid, pid, cuda_libs.RUNTIME_COPY_RET, copy=True)
 
     def _attach_copy_probes(self, path: str, fid: FileId, pid: int, kind: str) -> int:
         if kind == "runtime":

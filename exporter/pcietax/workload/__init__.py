@@ -46,6 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cudart", default=None, metavar="PATH",
                    help="CUDA runtime to use; default: NVIDIA's on a GPU machine, else the stand-in "
                         "built from cudart_stub.c into $PCIETAX_CACHE (~/.cache/pcietax)")
+    p.add_argument("--api", choices=("runtime", "driver"), default="runtime",
+                   help="make the copies and pinned allocations through the runtime API (cudaMemcpyAsync, "
+                        "cudaHostAlloc) or the driver API (cuMemcpyHtoDAsync_v2, cuMemHostAlloc)")
+    p.add_argument("--stub-driver", action="store_true",
+                   help="stand-in runtime layered on a stand-in driver library, as NVIDIA's is (each "
+                        "runtime copy then passes through a driver copy function too)")
     p.add_argument("--build-stub", action="store_true",
                    help="only build the CUDA runtime stand-in and print its path")
     p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     if args.build_stub:
         try:
-            print(build_stub())
+            print(build_stub(driver=args.stub_driver))
         except CudaError as e:
             print(f"pcietax workload: {e}", file=sys.stderr)
             return 1
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     children: list[subprocess.Popen] = []
     try:
         try:
-            cuda = load(args.cudart)
+            cuda = load(args.cudart, api=args.api, stub_driver=args.stub_driver)
         except (CudaError, OSError) as e:
             print(f"pcietax workload: cannot load the CUDA runtime: {e}", file=sys.stderr)
             return 1

@@ -7,6 +7,9 @@
  * CPU copy. A pageable host->device copy goes through a bounce buffer as the real driver does
  * (which is the user_copy hop the exporter attributes to pageable copies).
  *
+ * With -DPTX_WITH_DRIVER it is layered on cuda_driver_stub.c (libcuda.so.1) the way NVIDIA's runtime
+ * is: copies and pinned allocations call the driver API (`pcietax workload --stub-driver`).
+ *
  * Built by `pcietax workload` with: gcc -O2 -shared -fPIC -fno-builtin
  *     -fno-tree-loop-distribute-patterns -Wl,-soname,libcudart.so.12
  * The copy loops must not become calls to libc memcpy (no -ftree-loop-distribute-patterns, no
@@ -52,7 +55,7 @@ __attribute__((noinline)) static void dma(void *dst, const void *src, size_t n) 
 #define MAX_PINNED 1024
 static struct { uintptr_t start, end; } pinned[MAX_PINNED];
 
-static int is_pinned(const void *p) {
+__attribute__((unused)) static int is_pinned(const void *p) {
     uintptr_t a = (uintptr_t)p;
     for (int i = 0; i < MAX_PINNED; i++)
         if (a >= pinned[i].start && a < pinned[i].end)
@@ -60,7 +63,7 @@ static int is_pinned(const void *p) {
     return 0;
 }
 
-static void track(void *p, size_t size) {
+__attribute__((unused)) static void track(void *p, size_t size) {
     for (int i = 0; i < MAX_PINNED; i++) {
         if (pinned[i].start == 0) {
             pinned[i].start = (uintptr_t)p;
@@ -70,13 +73,13 @@ static void track(void *p, size_t size) {
     }
 }
 
-static void untrack(void *p) {
+__attribute__((unused)) static void untrack(void *p) {
     for (int i = 0; i < MAX_PINNED; i++)
         if (pinned[i].start == (uintptr_t)p)
             pinned[i].start = pinned[i].end = 0;
 }
 
-static cudaError_t copy(void *dst, const void *src, size_t count, enum cudaMemcpyKind kind) {
+__attribute__((unused)) static cudaError_t copy(void *dst, const void *src, size_t count, enum cudaMemcpyKind kind) {
     if (count == 0)
         return cudaSuccess;
     if (!dst || !src)
@@ -99,6 +102,27 @@ static cudaError_t copy(void *dst, const void *src, size_t count, enum cudaMemcp
     dma(dst, src, count);
     return cudaSuccess;
 }
+
+#ifdef PTX_WITH_DRIVER
+typedef unsigned long long CUdeviceptr;
+int cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *stream);
+int cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *stream);
+int cuMemHostAlloc(void **pp, size_t size, unsigned int flags);
+int cuMemFreeHost(void *p);
+int cuMemHostRegister_v2(void *p, size_t size, unsigned int flags);
+int cuMemHostUnregister(void *p);
+#define copy(dst, src, count, kind) via_driver(dst, src, count, kind)
+static cudaError_t via_driver(void *dst, const void *src, size_t count, enum cudaMemcpyKind kind) {
+    if (kind == cudaMemcpyHostToDevice)
+        return cuMemcpyHtoDAsync_v2((CUdeviceptr)(uintptr_t)dst, src, count, 0);
+    if (kind == cudaMemcpyDeviceToHost)
+        return cuMemcpyDtoHAsync_v2(dst, (CUdeviceptr)(uintptr_t)src, count, 0);
+    dma(dst, src, count);
+    return cudaSuccess;
+}
+#define track(p, size) ((void)0)
+#define untrack(p) ((void)0)
+#endif
 
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t count, enum cudaMemcpyKind kind) {
     return copy(dst, src, count, kind);
@@ -135,6 +159,9 @@ cudaError_t cudaFree(void *devPtr) {
 
 cudaError_t cudaHostAlloc(void **pHost, size_t size, unsigned int flags) {
     (void)flags;
+#ifdef PTX_WITH_DRIVER
+    return cuMemHostAlloc(pHost, size, flags);
+#endif
     if (!pHost)
         return cudaErrorInvalidValue;
     *pHost = aligned_alloc(4096, (size + 4095) & ~(size_t)4095);
@@ -147,6 +174,9 @@ cudaError_t cudaHostAlloc(void **pHost, size_t size, unsigned int flags) {
 cudaError_t cudaMallocHost(void **ptr, size_t size) { return cudaHostAlloc(ptr, size, 0); }
 
 cudaError_t cudaFreeHost(void *ptr) {
+#ifdef PTX_WITH_DRIVER
+    return cuMemFreeHost(ptr);
+#endif
     untrack(ptr);
     free(ptr);
     return cudaSuccess;
@@ -154,6 +184,9 @@ cudaError_t cudaFreeHost(void *ptr) {
 
 cudaError_t cudaHostRegister(void *ptr, size_t size, unsigned int flags) {
     (void)flags;
+#ifdef PTX_WITH_DRIVER
+    return cuMemHostRegister_v2(ptr, size, flags);
+#endif
     if (!ptr || !size)
         return cudaErrorInvalidValue;
     track(ptr, size);
@@ -161,6 +194,9 @@ cudaError_t cudaHostRegister(void *ptr, size_t size, unsigned int flags) {
 }
 
 cudaError_t cudaHostUnregister(void *ptr) {
+#ifdef PTX_WITH_DRIVER
+    return cuMemHostUnregister(ptr);
+#endif
     untrack(ptr);
     return cudaSuccess;
 }
