@@ -65,6 +65,12 @@ def test_bad_comm_regex_is_down_with_the_option_named():
         EbpfSource(target_comm="(unclosed").start()
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="checks the unprivileged path (root: see the next test)")
+def test_not_root_is_down_with_the_reason():
+    with pytest.raises(SourceUnavailable, match="not root"):
+        EbpfSource(calibrate=False).start()
+
+
 @needs_root
 def test_not_root_is_down_and_the_exporter_serves_the_rest(tmp_path):
     """The whole exporter as an unprivileged user: eBPF down with the reason, netdev still up."""
