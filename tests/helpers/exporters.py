@@ -38,10 +38,10 @@ def pcietax_env() -> dict[str, str]:
 
 def serve_args(sysfs: Path, procfs: Path, port: int, extra: Sequence[str] = ()) -> list[str]:
     """Arguments after ``python -m pcietax`` (tests prepend conftest.pcietax_cmd())."""
-    # NVML reads the machine's real driver, not the fixture roots: off, so a fixture run gives the
-    # same output on a GPU host as here.
+    # NVML and eBPF read the machine's real driver and kernel, not the fixture roots: off, so a
+    # fixture run gives the same output on a GPU host, or as root, as here.
     return ["serve", f"--web.listen-address=127.0.0.1:{port}", f"--path.sysfs={sysfs}",
-            f"--path.procfs={procfs}", "--no-source.nvml", *extra]
+            f"--path.procfs={procfs}", "--no-source.nvml", "--no-source.ebpf", *extra]
 
 
 def pcietax_argv(sysfs: Path, procfs: Path, port: int, extra: Sequence[str] = ()) -> list[str]:
