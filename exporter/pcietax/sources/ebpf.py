@@ -192,7 +192,7 @@ class EbpfSource:
             self._memcpy = False
         self._cuda = self._mode != "off" or self._memcpy
         try:
-            text = self._program.read_text()
+            text = self._program.read_bytes()  # BCC wants bytes (a str is deprecated there)
         except OSError as e:
             raise SourceUnavailable(f"cannot read BPF program {self._program}: {e.strerror}") from e
         cflags = ["-Wno-macro-redefined", "-Wno-unknown-warning-option", f"-DPTX_MAX_PROCS={self._max_procs}"]
