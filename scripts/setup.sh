@@ -57,6 +57,11 @@ if ((${#missing[@]} || need_headers)); then
   fi
 fi
 
+# BCC reads tracepoint formats from tracefs; systemd mounts it at boot, minimal VMs may not.
+if [[ $(id -u) -eq 0 && -d /sys/kernel/tracing && ! -e /sys/kernel/tracing/events ]]; then
+  mount -t tracefs nodev /sys/kernel/tracing && echo "setup: mounted tracefs at /sys/kernel/tracing" >&2 || true
+fi
+
 # The venv comes from the distribution's python3 with system site packages, so it sees BCC
 # (python3-bpfcc); the PyPI package named "bcc" is unrelated and must never be installed.
 if [[ ! -x "$VENV/bin/python" ]]; then

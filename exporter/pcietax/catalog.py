@@ -72,9 +72,14 @@ FAMILIES: dict[str, Family] = {
            "RDMA port data transmitted (port_xmit_data x 4).", "rdma"),
         # --- eBPF ----------------------------------------------------------------------------
         _F("pcietax_cuda_copy_bytes_total", "counter", ("kind", "memory", "process"),
-           "Bytes of CUDA host<->device copies seen by uprobes.", "ebpf"),
+           "Bytes of CUDA host<->device copies seen by uprobes (estimated, scaled by the duty cycle, "
+           "under --cuda.probes sampled; exact under always).", "ebpf"),
         _F("pcietax_cuda_copy_calls_total", "counter", ("kind", "memory", "process"),
-           "CUDA host<->device copy calls seen by uprobes.", "ebpf"),
+           "CUDA host<->device copy calls seen by uprobes (estimated, scaled by the duty cycle, "
+           "under --cuda.probes sampled; exact under always).", "ebpf"),
+        _F("pcietax_memcpy_bytes_total", "counter", ("direction", "process"),
+           "Bytes glibc memcpy copied into (ingress) or out of (egress) pinned buffers, from the "
+           "opt-in --memcpy.probe uprobe.", "ebpf"),
         _F("pcietax_socket_copy_bytes_total", "counter", ("direction", "process"),
            "Socket payload copied between kernel and user space for target processes.", "ebpf"),
         _F("pcietax_hardirq_total", "counter", ("irq", "name"),

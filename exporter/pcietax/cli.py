@@ -55,6 +55,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="CUDA library to probe (repeatable; also found in targets' /proc/PID/maps)")
     p.add_argument("--cuda.probes", dest="cuda_probes", choices=("off", "sampled", "always"),
                    default="sampled", help="CUDA copy uprobes: off, sampled duty cycle, or always")
+    p.add_argument("--memcpy.probe", dest="memcpy_probe", action="store_true",
+                   help="opt-in: uprobe glibc memcpy of target processes to count copies into pinned "
+                        "buffers (costs a uprobe hit per memcpy call; see docs/ebpf.md)")
     p.add_argument("--ratio.window", dest="ratio_window", type=_duration, default=10.0,
                    help="window of the live tax ratio (default 10s)")
     p.add_argument("--collect.interval", dest="collect_interval", type=_duration, default=1.0,
@@ -128,17 +131,15 @@ def options_from_args(args: argparse.Namespace) -> SourceOptions:
     return SourceOptions(
         sysfs=args.sysfs, procfs=args.procfs, nics=args.nic, target_pids=args.target_pid,
         target_comm=args.target_comm, target_cgroup=args.target_cgroup, cuda_libs=args.cuda_lib,
-        cuda_probes=args.cuda_probes,
+        cuda_probes=args.cuda_probes, memcpy_probe=args.memcpy_probe,
     )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry
-
     from .engine import Engine
     from .model import TaxModel
     from .server import make_server
-    from .sinks.prometheus import PcietaxCollector
+    from .sinks.prometheus import PcietaxRegistry
     from .sources import SOURCES
     from .webconfig import WebConfigError, WebConfigSource
 
@@ -161,8 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     enabled = [s for s in SOURCES if getattr(args, f"source_{s.name}")]
     engine = Engine([s.build(opts) for s in enabled], TaxModel(args.ratio_window))
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(PcietaxCollector(engine.frame, [s.name for s in enabled]))
+    registry = PcietaxRegistry(engine.frame, [s.name for s in enabled])
     try:
         server = make_server(args.listen, registry, web)
     except ValueError as e:
@@ -226,7 +226,14 @@ def _commands() -> dict[str, tuple[AddParser, Run]]:
         "metrics": (_add_metrics, cmd_metrics),
         "top": (top.add_parser, top.run),
         "topo": (topo_cli.add_parser, topo_cli.run),
+        "workload": _workload(),
     }
+
+
+def _workload() -> tuple[AddParser, Run]:
+    from . import workload
+
+    return workload.add_parser, workload.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from .counters import CounterAbsorber
@@ -53,12 +54,14 @@ class _Slot:
     reason: str = "not started"
     retry_at: float = 0.0
     backoff: float = 0.0
+    starting: Future[None] | None = None
     last: Snapshot | None = None
     pending: Future[Snapshot] | None = None
     duration: float = 0.0
     errors: int = 0
     absorber: CounterAbsorber = field(default_factory=CounterAbsorber)
     read_ok: bool = False
+    source_resets: int = 0  # absorbed inside the source (Snapshot.resets)
 
 
 class Engine:
@@ -68,6 +71,7 @@ class Engine:
         model: TaxModel,
         *,
         read_budget: float = 2.0,
+        start_budget: float = 60.0,
         retry_min: float = 30.0,
         retry_max: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
@@ -78,6 +82,7 @@ class Engine:
         self._slots = [_Slot(s) for s in sources]
         self._model = model
         self._budget = read_budget
+        self._start_budget = start_budget
         self._retry_min = retry_min
         self._retry_max = retry_max
         self._clock = clock
@@ -91,14 +96,23 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start_sources(self) -> None:
+        """Start every source at once (an eBPF compile takes seconds; NVML init can hang in the
+        driver) and wait up to ``start_budget`` for all of them. One still starting then is
+        reported down as starting, and comes up in the first cycle after its start returns."""
         for slot in self._slots:
             self._try_start(slot)
+        deadline = time.monotonic() + self._start_budget
+        for slot in self._slots:
+            self._poll_start(slot, max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         for slot in self._slots:
+            if slot.starting is not None:
+                # A start still running would leave its probes attached after we close: wait for it.
+                self._poll_start(slot, 10.0)
             if slot.started:
                 try:
                     slot.source.close()
@@ -130,9 +144,17 @@ class Engine:
     def collect(self) -> Frame:
         with self._cycle_lock:
             now = self._clock()
+            # A retried start gets the cycle's read budget: a quick one comes up in this cycle, a
+            # hanging one is polled again next cycle instead of holding the loop.
+            start_deadline = time.monotonic() + self._budget
+            fresh = []
             for slot in self._slots:
-                if not slot.started and now >= slot.retry_at:
+                if not slot.started and slot.starting is None and now >= slot.retry_at:
                     self._try_start(slot)
+                    fresh.append(slot)
+            for slot in self._slots:
+                wait_s = max(0.0, start_deadline - time.monotonic()) if slot in fresh else 0.0
+                self._poll_start(slot, wait_s)
             submitted = [(slot, self._submit(slot)) for slot in self._slots if slot.started]
             deadline = time.monotonic() + self._budget
             for slot, fut in submitted:
@@ -163,43 +185,65 @@ class Engine:
         name = slot.source.name
         try:
             snap = fut.result(timeout=timeout)
-        except TimeoutError:
-            slot.pending = fut
-            slot.read_ok = False
-            slot.reason = f"read took longer than {self._budget:g}s"
-            slot.duration = self._budget
-            self._log_once(name, slot.reason)
-            return
-        except SourceUnavailable as e:
-            slot.read_ok = False
-            slot.reason = str(e)
-            self._log_once(name, f"down: {e}")
-            return
+        except FutureTimeout:
+            if not fut.done():
+                slot.pending = fut
+                slot.read_ok = False
+                slot.reason = f"read took longer than {self._budget:g}s"
+                slot.duration = self._budget
+                self._log_once(name, slot.reason)
+                return
+            # Finished after all: the read raised TimeoutError itself (an NVML or socket timeout;
+            # since Python 3.11 the same class as a future's timeout), or it completed just now.
+            if fut.exception() is not None:
+                self._failed(slot, fut.exception())
+                return
+            snap = fut.result()
         except Exception as e:
-            slot.read_ok = False
-            slot.errors += 1
-            slot.reason = f"read failed: {type(e).__name__}: {e}"
-            self._log_once(name, slot.reason)
+            self._failed(slot, e)
             return
         slot.read_ok = True
         slot.reason = ""
         slot.last = snap
+        slot.source_resets += snap.resets
         for fault in snap.faults:
             slot.errors += 1
             self._log_once(name, str(fault))
 
+    def _failed(self, slot: _Slot, e: BaseException | None) -> None:
+        slot.read_ok = False
+        if isinstance(e, SourceUnavailable):
+            slot.reason = str(e)  # down with its reason, not a fault
+            self._log_once(slot.source.name, f"down: {e}")
+            return
+        slot.errors += 1
+        slot.reason = f"read failed: {type(e).__name__}: {e}"
+        self._log_once(slot.source.name, slot.reason)
+
     def _try_start(self, slot: _Slot) -> None:
+        slot.reason = "starting"
+        slot.starting = self._pool.submit(slot.source.start)
+
+    def _poll_start(self, slot: _Slot, timeout: float) -> None:
+        fut = slot.starting
+        if fut is None:
+            return
         name = slot.source.name
-        try:
-            slot.source.start()
-        except SourceUnavailable as e:
-            slot.reason = str(e) or "unavailable"
-        except Exception as e:
-            slot.reason = f"start failed: {type(e).__name__}: {e}"
-        else:
+        if not wait([fut], timeout=timeout).done:
+            if timeout > 0:
+                slot.reason = f"starting (longer than {timeout:.0f}s so far)"
+                self._log_once(name, slot.reason)
+            return
+        slot.starting = None
+        e = fut.exception()
+        if e is None:
             slot.started, slot.reason, slot.backoff = True, "", 0.0
             log.info("source %s: up", name)
             return
+        if isinstance(e, SourceUnavailable):
+            slot.reason = str(e) or "unavailable"
+        else:
+            slot.reason = f"start failed: {type(e).__name__}: {e}"
         slot.backoff = min(self._retry_max, max(self._retry_min, slot.backoff * 2))
         slot.retry_at = self._clock() + slot.backoff
         self._log_once(name, f"down: {slot.reason}")
@@ -243,7 +287,7 @@ class Engine:
                 reason=slot.reason,
                 duration=slot.duration,
                 errors=slot.errors,
-                resets=slot.absorber.wraps + slot.absorber.resets,
+                resets=slot.absorber.wraps + slot.absorber.resets + slot.source_resets,
             )
         p2p = frozenset(
             dict(labels).get("gpu", "")

@@ -108,6 +108,8 @@ class TaxModel:
     def _deltas(self, inp: Inputs) -> _Deltas:
         d = _Deltas()
         for key, value in inp.counters.items():
+            if key[0] not in _ROUTED:
+                continue  # IRQ, softirq, PCIe health...: not bytes of a hop (most series on a big node)
             prev = self._last.get(key)
             self._last[key] = value
             if prev is None:
@@ -140,6 +142,9 @@ class TaxModel:
             measured=measured,
             ratio=ratio,
         )
+
+
+_ROUTED = frozenset({*NIC, *RDMA, *GPU, SOCKET, CUDA, MEMCPY, UPI})
 
 
 def _route(d: _Deltas, fam: str, labels: dict[str, str], delta: float, p2p_gpus: frozenset[str]) -> None:

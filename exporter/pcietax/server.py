@@ -171,7 +171,12 @@ def make_server(
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
-                body = encoder(registry)
+                # pcietax's own registry writes the formats Prometheus negotiates itself
+                # (sinks/prometheus.PcietaxRegistry.render); anything else goes through client_python.
+                render = getattr(registry, "render", None)
+                body = render(ctype) if render is not None else None
+                if body is None:
+                    body = encoder(registry)
                 extra = {}
                 if "gzip" in self.headers.get("Accept-Encoding", ""):
                     body, extra = gzip.compress(body, compresslevel=1), {"Content-Encoding": "gzip"}

@@ -205,6 +205,33 @@ class FakeNode:
                 "procs_blocked 0", "softirq 0"]
         (self.proc / "stat").write_text("\n".join(out) + "\n")
 
+    # -- bad input and edits (added for the source tests) ------------------------------------
+
+    def write_raw(self, relpath: str, content: str | bytes) -> Path:
+        """Any file under the fixture root, byte for byte (garbage, truncation, odd formats)."""
+        p = self.root / relpath
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content)
+        return p
+
+    def make_directory_in_place(self, relpath: str) -> Path:
+        """Replace a file with a directory: open() fails with EISDIR even for root, the way an
+        unreadable file fails for a reader without permission."""
+        p = self.root / relpath
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def remove_rdma(self, dev: str) -> None:
+        (self.sys / "class/infiniband" / dev).unlink()
+
+    def netdev_dir(self, name: str) -> Path:
+        return Path(os.path.realpath(self.sys / "class/net" / name))
+
 
 def _writer(d: Path):
     d.mkdir(parents=True, exist_ok=True)
@@ -221,3 +248,17 @@ def _symlink(target: Path, link: Path) -> None:
     if link.is_symlink():
         link.unlink()
     link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def pcie_config_space(mps: int, length: int = 256) -> bytes:
+    """A type-0 config space with a PCI Express capability at 0x40 whose Device Control programs
+    ``mps`` (bits 7:5); cut to ``length`` bytes, as an unprivileged reader sees only the first 64."""
+    data = bytearray(4096)
+    data[0x00:0x02] = (0x15B3).to_bytes(2, "little")
+    data[0x06:0x08] = (0x0010).to_bytes(2, "little")  # status: capability list present
+    data[0x34] = 0x40
+    data[0x40], data[0x41] = 0x10, 0x00  # PCI Express capability, end of list
+    data[0x42:0x44] = (0x0002).to_bytes(2, "little")  # capability version 2, endpoint
+    code = {128: 0, 256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}[mps]
+    data[0x48:0x4A] = (code << 5).to_bytes(2, "little")  # Device Control
+    return bytes(data[:length])

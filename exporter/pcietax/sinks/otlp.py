@@ -82,14 +82,15 @@ class OtlpSink:
 
         def observe(family: str) -> Callable[[CallbackOptions], Iterable[Any]]:
             def cb(_opts: CallbackOptions) -> Iterable[Any]:
-                return [Observation(v, labels) for _, labels, v in cache.rows(family)]
+                return [Observation(v, dict(labels)) for _, labels, v in cache.rows(family)]
 
             return cb
 
         def observe_gpu_io(_opts: CallbackOptions) -> Iterable[Any]:
             out = []
             for fam, direction in GPU_IO.items():
-                for _, labels, v in cache.rows(fam):
+                for _, raw, v in cache.rows(fam):
+                    labels = dict(raw)
                     attrs = {"hw.id": labels.get("uuid") or labels.get("pci_bus_id", ""),
                              "network.io.direction": direction}
                     out.append(Observation(v, attrs))

@@ -9,8 +9,12 @@ from collections.abc import Iterator, Sequence
 from .. import __version__
 from ..engine import Frame
 from ..model import DIRECTIONS, HOPS
+from ..sources.base import Labels
 
-Row = tuple[str, dict[str, str], float]
+# Labels stay as the source gave them (a sorted tuple) or as the model built them (a dict): the
+# Prometheus sink caches rendered lines by them, and converting a thousand IRQ label sets per
+# scrape is wasted work.
+Row = tuple[str, Labels | dict[str, str], float]
 
 
 def frame_rows(fr: Frame, source_names: Sequence[str]) -> Iterator[Row]:
@@ -26,9 +30,9 @@ def frame_rows(fr: Frame, source_names: Sequence[str]) -> Iterator[Row]:
         for hop in HOPS:
             yield "pcietax_hop_measured", {"hop": hop}, 1.0 if tax.measured.get(hop) else 0.0
     for (name, labels), v in fr.counters.items():
-        yield name, dict(labels), v
+        yield name, labels, v
     for (name, labels), v in fr.gauges.items():
-        yield name, dict(labels), v
+        yield name, labels, v
     for st in fr.status.values():
         src = {"source": st.name}
         yield "pcietax_source_up", src, 1.0 if st.up else 0.0

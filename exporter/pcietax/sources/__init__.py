@@ -22,6 +22,7 @@ class SourceOptions:
     target_cgroup: str | None = None
     cuda_libs: list[str] = field(default_factory=list)
     cuda_probes: str = "sampled"
+    memcpy_probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,14 @@ def _nvml(o: SourceOptions) -> Source:
     from .nvml_binding import PynvmlBinding
 
     return NvmlSource(PynvmlBinding(), sysfs=o.sysfs)
+
+
+def _ebpf(o: SourceOptions) -> Source:
+    from .ebpf import EbpfSource
+
+    return EbpfSource(procfs=o.procfs, sysfs=o.sysfs, nics=o.nics, target_pids=o.target_pids,
+                      target_comm=o.target_comm, target_cgroup=o.target_cgroup,
+                      cuda_libs_given=o.cuda_libs, cuda_probes=o.cuda_probes, memcpy=o.memcpy_probe)
 
 
 def _netdev(o: SourceOptions) -> Source:
@@ -76,6 +85,7 @@ def _upi(o: SourceOptions) -> Source:
 
 SOURCES: list[SourceSpec] = [
     SourceSpec("nvml", "GPU PCIe bytes, links and link health from NVML (nvidia-ml-py)", _nvml),
+    SourceSpec("ebpf", "eBPF staging tracer: socket and CUDA copies, IRQ time (BCC, root)", _ebpf),
     SourceSpec("netdev", "NIC byte counters (/proc/net/dev, each physical NIC once)", _netdev),
     SourceSpec("rdma", "RDMA port data counters (/sys/class/infiniband)", _rdma),
     SourceSpec("procfs", "hard IRQs, softirqs and /proc/stat IRQ time", _procfs),

@@ -52,6 +52,9 @@ class Snapshot:
     gauges: list[Sample] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     provides: frozenset[str] = frozenset()
+    # Wraps and resets the source absorbed itself during this read (a sum of several device
+    # counters, such as a NIC's netdev and RDMA port bytes, cannot be absorbed as one counter).
+    resets: int = 0
 
     def counter(self, family: str, value: float, bits: int | None = None, **labels: object) -> None:
         self.counters.append(Sample(family, labels_of(**labels), float(value), bits))

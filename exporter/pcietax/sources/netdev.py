@@ -10,13 +10,15 @@ each interface is. Each physical NIC is counted once (DESIGN.md section 2):
 
 from __future__ import annotations
 
+import fnmatch
 import os
-import re
 from pathlib import Path
+from typing import NamedTuple
 
+from ..counters import CounterAbsorber
 from ..fsread import read_int, read_optional_str, read_text
 from .base import Snapshot, SourceUnavailable
-from .pciaddr import pci_of_device_link
+from .pciaddr import pci_of_class_link
 
 RX = "pcietax_nic_receive_bytes_total"
 TX = "pcietax_nic_transmit_bytes_total"
@@ -45,7 +47,7 @@ class NetdevSource:
         self._procfs = Path(procfs)
         self._sysfs = Path(sysfs)
         self._nics = list(nics or [])
-        self._patterns = [re.compile(f"^{n}$") for n in self._nics if any(c in n for c in "*?[")]
+        self._totals = _NicTotals()
 
     def start(self) -> None:
         path = self._procfs / "net/dev"
@@ -57,7 +59,8 @@ class NetdevSource:
 
     def _selected(self, iface: str, pci: str) -> bool:
         if self._nics:
-            return iface in self._nics or any(p.match(iface) for p in self._patterns)
+            # Shell-style globs, as interface names are written on the command line (eth*, ens5f?).
+            return any(fnmatch.fnmatchcase(iface, n) for n in self._nics)
         return bool(pci)  # default: physical NICs only (no lo, bridges, veth, tunnels)
 
     def read(self) -> Snapshot:
@@ -67,35 +70,107 @@ class NetdevSource:
             stats = parse_net_dev(read_text(where), snap, where)
         except (OSError, UnicodeDecodeError) as e:
             raise SourceUnavailable(f"cannot read {where}: {e}") from e
-        rdma = _rdma_by_pci(self._sysfs, snap)
-        for iface, (rx, tx) in sorted(stats.items()):
-            pci = pci_of_device_link(self._sysfs / "class/net" / iface / "device")
+        rdma, broken = _rdma_by_pci(self._sysfs, snap)
+        counted: set[str] = set()
+        for iface, netdev in sorted(stats.items()):
+            pci = pci_of_class_link(os.path.join(self._sysfs, "class/net", iface))
             if not self._selected(iface, pci):
                 continue
-            ports = rdma.get(pci) if pci else None
-            if ports is not None:
-                link_layers = {ll for ll, _, _ in ports}
-                prx = sum(r for _, r, _ in ports)
-                ptx = sum(t for _, _, t in ports)
-                if link_layers == {"InfiniBand"}:
-                    rx, tx = prx, ptx
-                else:
-                    rx, tx = rx + prx, tx + ptx
-            snap.counter(RX, rx, nic=iface, pci_bus_id=pci)
-            snap.counter(TX, tx, nic=iface, pci_bus_id=pci)
+            if pci:
+                counted.add(pci)
+            self._emit(snap, iface, pci, netdev, rdma.get(pci, []) if pci else [], pci in broken)
+        # An RDMA NIC with no netdev (an InfiniBand HCA without IPoIB) still moves bytes: count it
+        # under its RDMA device name.
+        for pci, ports in sorted(rdma.items()):
+            name = ports[0].device
+            if pci not in counted and self._selected(name, pci):
+                self._emit(snap, name, pci, None, ports, pci in broken)
         return snap
 
+    def _emit(self, snap: Snapshot, nic: str, pci: str, netdev: tuple[int, int] | None,
+              ports: list[_Port], broken: bool) -> None:
+        if broken and not self._totals.known(nic):
+            # A port counter is unreadable before this NIC was ever counted: netdev bytes now and
+            # port bytes later would not be one counter. Skip it until then (the fault is recorded).
+            return
+        before = self._totals.absorbed()
+        rx, tx = self._totals.update(nic, netdev, ports)
+        snap.resets += self._totals.absorbed() - before
+        snap.counter(RX, rx, nic=nic, pci_bus_id=pci)
+        snap.counter(TX, tx, nic=nic, pci_bus_id=pci)
 
-def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> dict[str, list[tuple[str, int, int]]]:
-    """PCI function -> [(link_layer, rx_bytes, tx_bytes) per RDMA port]."""
-    out: dict[str, list[tuple[str, int, int]]] = {}
+
+class _Port(NamedTuple):
+    link_layer: str
+    rx: int  # bytes
+    tx: int
+    device: str
+    port: str
+
+
+class _NicTotals:
+    """Each NIC's byte counters as the sum of its parts (its netdev statistics and each RDMA port),
+    each part absorbed on its own. The sum is not a device counter: an RDMA device that vanishes
+    (mlx5_ib unloaded, a sysfs link re-created, a port counter unreadable for a cycle) would
+    otherwise take the NIC's counter down to its netdev bytes (a fake reset) and, when it returns,
+    up by the port's whole history (a jump). So a missing part holds its last value, a part that
+    restarts is absorbed like any counter, and a part first seen after the NIC (the RDMA driver
+    loaded later) adds only its increase.
+
+    RoCE: netdev bytes plus port bytes (RDMA traffic bypasses the netdev stack). InfiniBand: port
+    bytes only (the IPoIB netdev's traffic is inside them); a NIC stays InfiniBand while its ports
+    are gone."""
+
+    def __init__(self) -> None:
+        self._absorber = CounterAbsorber()
+        self._parts: dict[str, set[str]] = {}
+        self._base: dict[tuple[str, str, int], float] = {}
+        self._infiniband: dict[str, bool] = {}
+
+    def known(self, nic: str) -> bool:
+        return nic in self._parts
+
+    def absorbed(self) -> int:
+        """Wraps and resets of parts absorbed so far (each direction counts)."""
+        return self._absorber.wraps + self._absorber.resets
+
+    def update(self, nic: str, netdev: tuple[int, int] | None, ports: list[_Port]) -> tuple[float, float]:
+        first = nic not in self._parts
+        parts = self._parts.setdefault(nic, set())
+        if ports:
+            self._infiniband[nic] = all(p.link_layer == "InfiniBand" for p in ports)
+        ib = self._infiniband.get(nic, False)
+        now = [(f"{p.device}/{p.port}", (p.rx, p.tx)) for p in ports]
+        if netdev is not None:
+            now.append(("netdev", netdev))
+        for part, raw in now:
+            for i in (0, 1):
+                v = self._absorber.update((nic, part, i), raw[i])
+                if part not in parts and not first:
+                    self._base[(nic, part, i)] = v  # a late part counts from here
+            parts.add(part)
+        out = [0.0, 0.0]
+        for part in parts:
+            if ib and part == "netdev":
+                continue
+            for i in (0, 1):
+                key = (nic, part, i)
+                out[i] += (self._absorber.value((nic, part, i)) or 0.0) - self._base.get(key, 0.0)
+        return out[0], out[1]
+
+
+def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> tuple[dict[str, list[_Port]], set[str]]:
+    """PCI function -> its RDMA ports, and the PCI functions with a port whose counters could not
+    be read."""
+    out: dict[str, list[_Port]] = {}
+    broken: set[str] = set()
     base = sysfs / "class/infiniband"
     try:
         devices = sorted(os.listdir(base))
     except OSError:
-        return out
+        return out, broken
     for dev in devices:
-        pci = pci_of_device_link(base / dev / "device")
+        pci = pci_of_class_link(base / dev)
         if not pci:
             continue
         for port, counters in _ports(base / dev, snap):
@@ -103,11 +178,14 @@ def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> dict[str, list[tuple[str, int, 
             try:
                 rx = read_int(counters / "port_rcv_data") * 4
                 tx = read_int(counters / "port_xmit_data") * 4
+            except FileNotFoundError:
+                continue  # a port without data counters (SR-IOV VF), as the rdma source treats it
             except (OSError, ValueError, UnicodeDecodeError) as e:
                 snap.fault("unreadable RDMA counter", e)
+                broken.add(pci)
                 continue
-            out.setdefault(pci, []).append((ll, rx, tx))
-    return out
+            out.setdefault(pci, []).append(_Port(ll, rx, tx, dev, port))
+    return out, broken
 
 
 def _ports(dev: Path, snap: Snapshot) -> list[tuple[str, Path]]:

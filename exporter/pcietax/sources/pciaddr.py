@@ -35,3 +35,18 @@ def pci_of_device_link(device_link: str | os.PathLike[str]) -> str:
         if PCI_ADDR.match(part.name):
             return part.name
     return ""
+
+
+def pci_of_class_link(class_link: str | os.PathLike[str]) -> str:
+    """The PCI function of a ``/sys/class/<class>/<name>`` entry, from the entry's own link
+    (``../../devices/pci0000:00/0000:00:01.0/0000:3b:00.0/net/eth0``): the last PCI function on
+    that path, "" for a virtual device. One readlink instead of resolving ``device`` component by
+    component, which on a node with a dozen NICs was most of a netdev read."""
+    try:
+        target = os.readlink(class_link)
+    except OSError:
+        return ""
+    for part in reversed(target.split("/")):
+        if PCI_ADDR.match(part):
+            return part
+    return ""

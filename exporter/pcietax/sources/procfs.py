@@ -5,46 +5,97 @@ the IRQ and softirq time columns of /proc/stat: the coarse staging-CPU figure us
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fsread import read_text
-from .base import Snapshot, SourceUnavailable
+from .base import Labels, Sample, Snapshot, SourceUnavailable, labels_of
 
 HARDIRQ = "pcietax_hardirq_total"
 SOFTIRQ = "pcietax_softirq_total"
 STAGING = "pcietax_staging_cpu_seconds_total"
 
 
-def parse_interrupts(text: str, snap: Snapshot, where: str) -> None:
+_NONZERO = "0".__ne__
+
+
+# Label sets by (irq, text after the counts): kept across reads, dropped past this size.
+_LABELS_MAX = 20_000
+
+
+@dataclass(frozen=True)
+class IrqLines:
+    """What one read of /proc/interrupts leaves for the next: its samples keyed by their line's text
+    under its CPU header, and the label set of each (irq, text after the counts)."""
+
+    header: str = ""
+    samples: dict[str, Sample] = field(default_factory=dict)
+    labels: dict[tuple[str, str], Labels] = field(default_factory=dict)
+
+
+def parse_interrupts(text: str, snap: Snapshot, where: str, last: IrqLines | None = None) -> IrqLines:
+    """Per IRQ line: the count summed over CPUs, labelled with the line's action names.
+
+    Pass the previous read's result as ``last`` and a line whose text did not change is not parsed
+    again (most of a big node's MSI-X vectors are idle between two reads): a line's text under the
+    same CPU header always parses the same way."""
     lines = text.splitlines()
     if not lines:
         snap.fault("empty file", where)
-        return
-    ncpu = len(lines[0].split())
+        return IrqLines()
+    header = lines[0]
+    ncpu = len(header.split())
+    cache = last.samples if last is not None and last.header == header else {}
+    labels = last.labels if last is not None and len(last.labels) < _LABELS_MAX else {}
+    seen: dict[str, Sample] = {}
+    out = snap.counters
     for n, line in enumerate(lines[1:], start=2):
-        head, sep, rest = line.partition(":")
-        irq = head.strip()
-        if not sep or not irq:
-            snap.fault("truncated line", f"{where}:{n}")
-            continue
-        parts = rest.split()
-        counts = parts[:ncpu]
-        try:
-            total = sum(map(int, counts))
-        except ValueError:
-            # ERR/MIS carry one number; anything else non-numeric is garbage.
-            snap.fault("not a number", f"{where}:{n}")
-            continue
-        if irq.isdigit():
-            if len(parts) < ncpu + 1:
-                snap.fault("truncated line", f"{where}:{n}")
+        sample = cache.get(line)
+        if sample is None:
+            sample = _interrupt_line(line, ncpu, snap, where, n, labels)
+            if sample is None:
                 continue
-            # chip, hwirq-trigger, then the action names (what node_exporter calls "devices").
-            tail = parts[ncpu + 2 :] if len(parts) > ncpu + 2 else parts[ncpu + 1 :]
-            name = " ".join(tail)
-        else:
-            name = " ".join(parts[ncpu:]) if len(parts) > ncpu else irq
-        snap.counter(HARDIRQ, total, irq=irq, name=name)
+        seen[line] = sample
+        out.append(sample)
+    return IrqLines(header, seen, labels)
+
+
+def _interrupt_line(line: str, ncpu: int, snap: Snapshot, where: str, n: int,
+                    labels: dict[tuple[str, str], Labels]) -> Sample | None:
+    head, sep, rest = line.partition(":")
+    irq = head.strip()
+    if not sep or not irq:
+        snap.fault("truncated line", f"{where}:{n}")
+        return None
+    # ERR and MIS carry one node-wide number; every other line one count per CPU, then text
+    # (for numbered lines at least the irq chip).
+    ncounts = 1 if irq in ("ERR", "MIS") else ncpu
+    parts = rest.split(None, ncounts)
+    text = parts.pop() if len(parts) > ncounts else ""
+    if len(parts) < ncounts or (not text and irq.isdigit()):
+        # Cut short: a partial sum would read as a reset now and a jump on the next full read.
+        snap.fault("truncated line", f"{where}:{n}")
+        return None
+    try:
+        # Most per-CPU columns are 0 on a big node (IRQ affinity): skip converting those.
+        total = sum(map(int, filter(_NONZERO, parts)))
+    except ValueError:
+        snap.fault("not a number", f"{where}:{n}")
+        return None
+    lbl = labels.get((irq, text))
+    if lbl is None:
+        lbl = labels[(irq, text)] = labels_of(irq=irq, name=_irq_name(irq, text))
+    return Sample(HARDIRQ, lbl, float(total))
+
+
+def _irq_name(irq: str, text: str) -> str:
+    words = text.split()
+    if irq.isdigit():
+        # chip, hwirq-trigger, then the action names (what node_exporter calls "devices").
+        return " ".join(words[2:] if len(words) > 2 else words[1:])
+    if irq in ("ERR", "MIS"):
+        return irq
+    return " ".join(words) or irq
 
 
 def parse_softirqs(text: str, snap: Snapshot, where: str) -> None:
@@ -84,6 +135,7 @@ class ProcfsSource:
     def __init__(self, procfs: str = "/proc", user_hz: float | None = None) -> None:
         self._root = Path(procfs)
         self._user_hz = user_hz or float(os.sysconf("SC_CLK_TCK"))
+        self._irq_lines = IrqLines()
 
     def start(self) -> None:
         missing = [f for f in ("interrupts", "softirqs", "stat") if not (self._root / f).exists()]
@@ -95,12 +147,17 @@ class ProcfsSource:
 
     def read(self) -> Snapshot:
         snap = Snapshot(provides=frozenset({HARDIRQ, SOFTIRQ, STAGING}))
-        for fname, parse in (("interrupts", parse_interrupts), ("softirqs", parse_softirqs)):
-            where = str(self._root / fname)
-            try:
-                parse(read_text(where), snap, where)
-            except (OSError, UnicodeDecodeError) as e:
-                snap.fault("unreadable", f"{where}: {e}")
+        where = str(self._root / "interrupts")
+        try:
+            self._irq_lines = parse_interrupts(read_text(where), snap, where, self._irq_lines)
+        except (OSError, UnicodeDecodeError) as e:
+            self._irq_lines = IrqLines()
+            snap.fault("unreadable", f"{where}: {e}")
+        where = str(self._root / "softirqs")
+        try:
+            parse_softirqs(read_text(where), snap, where)
+        except (OSError, UnicodeDecodeError) as e:
+            snap.fault("unreadable", f"{where}: {e}")
         where = str(self._root / "stat")
         try:
             parse_stat(read_text(where), snap, where, self._user_hz)

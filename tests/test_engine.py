@@ -1,0 +1,397 @@
+"""The collection engine with scripted sources (the Source protocol, no I/O): hung reads are bounded,
+failed reads hold their counters, start failures back off, the first source wins a shared series,
+faults are counted every time and logged once, wraps and resets are absorbed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from pcietax.engine import Engine
+from pcietax.model import NIC, TaxModel
+from pcietax.sources.base import Snapshot, SourceUnavailable, labels_of
+
+ETH0 = (NIC[0], labels_of(nic="eth0", pci_bus_id="0000:3b:00.0"))
+
+
+class Scripted:
+    """A source whose start() and read() do what the test says, in order; the last step repeats."""
+
+    def __init__(self, name: str, reads: list[Callable[[], Snapshot]], starts: list[Exception | None] = ()):
+        self.name = name
+        self._reads = list(reads)
+        self._starts = list(starts)
+        self.read_calls = 0
+        self.start_calls = 0
+        self.closed = False
+
+    def start(self) -> None:
+        self.start_calls += 1
+        if self._starts:
+            err = self._starts.pop(0) if len(self._starts) > 1 else self._starts[0]
+            if err is not None:
+                raise err
+
+    def read(self) -> Snapshot:
+        self.read_calls += 1
+        step = self._reads.pop(0) if len(self._reads) > 1 else self._reads[0]
+        return step()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+Read = Callable[[], Snapshot]
+
+
+def nic(rx: float, bits: int | None = None, faults: tuple[tuple[str, str], ...] = ()) -> Read:
+    def read() -> Snapshot:
+        s = Snapshot(provides=frozenset(NIC))
+        s.counter(NIC[0], rx, bits=bits, nic="eth0", pci_bus_id="0000:3b:00.0")
+        s.gauge("pcietax_pcie_link_width", 16, pci_bus_id="0000:3b:00.0", device_kind="nic", state="current")
+        for what, where in faults:
+            s.fault(what, where)
+        return s
+
+    return read
+
+
+def raises(exc: Exception) -> Callable[[], Snapshot]:
+    def read() -> Snapshot:
+        raise exc
+
+    return read
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(*sources, **kw) -> Engine:
+    eng = Engine(list(sources), TaxModel(), **kw)
+    eng.start_sources()
+    return eng
+
+
+def test_hung_source_is_bounded_and_reported_down_while_others_flow():
+    release = threading.Event()
+
+    def hang() -> Snapshot:
+        release.wait(60)
+        return nic(1)()
+
+    hung = Scripted("nvml", [hang])
+    good = Scripted("netdev", [nic(100), nic(200), nic(300)])
+    eng = make(hung, good, read_budget=0.2)
+    try:
+        t0 = time.monotonic()
+        f1 = eng.collect()
+        f2 = eng.collect()
+        # Bounded: two cycles did not wait for the 60 s hang (generous bound: not a speed target).
+        assert time.monotonic() - t0 < 30
+        assert not f2.status["nvml"].up and "longer than 0.2s" in f2.status["nvml"].reason
+        assert f2.status["netdev"].up and f2.counters[ETH0] == 200
+        assert f1.counters[ETH0] == 100
+        # The hung read is not piled up: one call in flight, none started behind it.
+        assert hung.read_calls == 1
+        # Scrapes render the last frame and never call a source.
+        calls = good.read_calls
+        assert eng.frame() is f2 and good.read_calls == calls
+        assert f2.status["nvml"].duration == pytest.approx(0.2)
+    finally:
+        release.set()
+        eng.close()
+
+
+def test_hung_source_comes_back():
+    release = threading.Event()
+
+    def hang() -> Snapshot:
+        release.wait(60)
+        return nic(5)()
+
+    src = Scripted("nvml", [hang, nic(7)])
+    eng = make(src, read_budget=0.1)
+    try:
+        assert not eng.collect().status["nvml"].up
+        release.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            f = eng.collect()
+            if f.status["nvml"].up and f.counters.get(ETH0) == 7:
+                break
+            time.sleep(0.05)
+        assert f.status["nvml"].up and f.status["nvml"].reason == ""
+        assert f.counters[ETH0] == 7
+    finally:
+        eng.close()
+
+
+def test_failed_read_holds_counters_then_absorbs_a_reset():
+    src = Scripted("netdev", [nic(100), raises(RuntimeError("driver went away")), nic(30), nic(50)])
+    eng = make(src)
+    try:
+        assert eng.collect().counters[ETH0] == 100
+        f = eng.collect()
+        assert not f.status["netdev"].up
+        assert "RuntimeError: driver went away" in f.status["netdev"].reason
+        assert f.counters[ETH0] == 100  # held, not dropped
+        assert f.gauges == {}  # gauges are not held: a stale link width would be a lie
+        assert f.status["netdev"].errors == 1
+        # Driver reloaded, counting from zero: exported 100 + 30, never backwards.
+        f = eng.collect()
+        assert f.status["netdev"].up and f.counters[ETH0] == 130 and f.status["netdev"].resets == 1
+        assert eng.collect().counters[ETH0] == 150
+    finally:
+        eng.close()
+
+
+def test_read_unavailable_is_down_with_reason_and_held():
+    src = Scripted("rdma", [nic(10), raises(SourceUnavailable("cannot list /sys/class/infiniband")), nic(11)])
+    eng = make(src)
+    try:
+        eng.collect()
+        f = eng.collect()
+        assert not f.status["rdma"].up and f.status["rdma"].reason == "cannot list /sys/class/infiniband"
+        assert f.counters[ETH0] == 10
+        assert f.status["rdma"].errors == 0  # down is reported by source_up, not as a fault
+        assert eng.collect().status["rdma"].up
+    finally:
+        eng.close()
+
+
+def test_start_failure_is_down_with_reason_and_retried_with_backoff():
+    clock = Clock()
+    no_gpu = SourceUnavailable("no GPU")
+    src = Scripted("nvml", [nic(1)], starts=[no_gpu, no_gpu, no_gpu, None])
+    other = Scripted("netdev", [nic(5)])
+    eng = Engine([src, other], TaxModel(), retry_min=30, retry_max=100, clock=clock)
+    try:
+        eng.start_sources()
+        f = eng.collect()
+        assert not f.status["nvml"].up and f.status["nvml"].reason == "no GPU"
+        assert f.status["netdev"].up
+        assert src.start_calls == 1 and src.read_calls == 0
+        clock.t += 29
+        eng.collect()
+        assert src.start_calls == 1  # not before retry_min
+        clock.t += 1
+        eng.collect()
+        assert src.start_calls == 2  # retried after 30 s, fails again: next wait 60 s
+        clock.t += 59
+        eng.collect()
+        assert src.start_calls == 2
+        clock.t += 1
+        eng.collect()
+        assert src.start_calls == 3  # fails again: next wait capped at retry_max=100
+        clock.t += 99
+        eng.collect()
+        assert src.start_calls == 3
+        clock.t += 1
+        f = eng.collect()
+        assert src.start_calls == 4 and f.status["nvml"].up and f.status["nvml"].reason == ""
+    finally:
+        eng.close()
+
+
+def test_start_crash_is_down_with_type_in_reason():
+    src = Scripted("ebpf", [nic(1)], starts=[OSError("bpf: Operation not permitted")])
+    eng = make(src)
+    try:
+        st = eng.collect().status["ebpf"]
+        assert not st.up and st.reason == "start failed: OSError: bpf: Operation not permitted"
+    finally:
+        eng.close()
+
+
+def test_first_source_wins_a_shared_series():
+    first = Scripted("nvml", [nic(111)])
+    second = Scripted("pcie", [nic(999)])
+    eng = make(first, second)
+    try:
+        f = eng.collect()
+        assert f.counters[ETH0] == 111
+        assert f.gauges[("pcietax_pcie_link_width", labels_of(pci_bus_id="0000:3b:00.0",
+                                                               device_kind="nic", state="current"))] == 16
+    finally:
+        eng.close()
+
+
+def test_first_source_down_then_second_does_not_take_over_a_held_series():
+    """While the first source is down its held value still wins, so the series never jumps between
+    two sources' different totals."""
+    first = Scripted("nvml", [nic(111), raises(RuntimeError("x"))])
+    second = Scripted("pcie", [nic(999), nic(1999)])
+    eng = make(first, second)
+    try:
+        eng.collect()
+        assert eng.collect().counters[ETH0] == 111
+    finally:
+        eng.close()
+
+
+def test_faults_counted_each_time_and_logged_once(caplog):
+    bad = (("truncated line", "/proc/interrupts:7"),)
+    src = Scripted("procfs", [nic(1, faults=bad)])
+    eng = make(src)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pcietax"):
+            for _ in range(3):
+                f = eng.collect()
+        assert f.status["procfs"].errors == 3
+        lines = [r.getMessage() for r in caplog.records if "interrupts:7" in r.getMessage()]
+        assert lines == ["source procfs: truncated line: /proc/interrupts:7"]
+        assert f.status["procfs"].up  # a fault is not an outage
+    finally:
+        eng.close()
+
+
+def test_narrow_counter_wrap_is_absorbed_and_counted():
+    top = 2**32 - 100
+    src = Scripted("nvml", [nic(top, bits=32), nic(50, bits=32)])
+    eng = make(src)
+    try:
+        eng.collect()
+        f = eng.collect()
+        assert f.counters[ETH0] == top + 150
+        assert f.status["nvml"].resets == 1
+    finally:
+        eng.close()
+
+
+def test_vanished_series_returning_after_a_reset_adds_only_its_increase():
+    def absent() -> Snapshot:
+        return Snapshot(provides=frozenset(NIC))
+
+    src = Scripted("netdev", [nic(1000), absent, nic(10), nic(25)])
+    eng = make(src)
+    try:
+        eng.collect()
+        f = eng.collect()
+        assert ETH0 not in f.counters  # skipped while gone
+        f = eng.collect()
+        assert f.counters[ETH0] == 1010 and f.status["netdev"].resets == 1
+        f = eng.collect()
+        assert f.counters[ETH0] == 1025
+        assert f.tax.moved[("nic_dma", "ingress")] == 25
+    finally:
+        eng.close()
+
+
+def test_scrape_duration_is_the_read_time():
+    def slow() -> Snapshot:
+        time.sleep(0.05)
+        return nic(1)()
+
+    eng = make(Scripted("netdev", [slow]), Scripted("rdma", [nic(2)]))
+    try:
+        f = eng.collect()
+        assert f.status["netdev"].duration >= 0.05
+        assert f.status["rdma"].duration < f.status["netdev"].duration
+    finally:
+        eng.close()
+
+
+def test_duplicate_names_rejected_and_close_closes_every_source():
+    with pytest.raises(ValueError, match="duplicate"):
+        Engine([Scripted("a", [nic(1)]), Scripted("a", [nic(1)])], TaxModel())
+    a, b = Scripted("a", [nic(1)]), Scripted("b", [nic(1)], starts=[SourceUnavailable("no")])
+    eng = make(a, b)
+    eng.close()
+    assert a.closed and not b.closed  # never started, nothing to close
+
+
+def test_resets_absorbed_inside_a_source_are_counted():
+    def with_resets() -> Snapshot:
+        s = nic(5)()
+        s.resets = 2
+        return s
+
+    eng = make(Scripted("netdev", [nic(10), with_resets]))
+    try:
+        eng.collect()
+        f = eng.collect()
+        assert f.status["netdev"].resets == 2 + 1  # two inside the source, one by the engine (10 -> 5)
+    finally:
+        eng.close()
+
+
+def test_a_read_that_raises_timeout_error_is_a_failed_read_not_a_hang():
+    """NVML and sockets raise TimeoutError themselves; since Python 3.11 that is the same class as a
+    future's timeout. It must count as one failed read and be retried, not park the source as hung
+    for ever on an already finished future."""
+    src = Scripted("nvml", [nic(1), raises(TimeoutError("nvmlDeviceGetPcieThroughput timed out")), nic(2)])
+    eng = make(src, read_budget=5)
+    try:
+        eng.collect()
+        f = eng.collect()
+        st = f.status["nvml"]
+        assert not st.up and st.reason == "read failed: TimeoutError: nvmlDeviceGetPcieThroughput timed out"
+        assert st.errors == 1 and f.counters[ETH0] == 1
+        f = eng.collect()
+        assert f.status["nvml"].up and f.counters[ETH0] == 2 and src.read_calls == 3
+    finally:
+        eng.close()
+
+
+class _HangingStart:
+    """A source whose start() blocks until released, as an NVML init stuck in the driver or a
+    BPF compile on a loaded machine does."""
+
+    name = "slowstart"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.closed = False
+
+    def start(self) -> None:
+        self.release.wait(30)
+
+    def read(self) -> Snapshot:
+        s = Snapshot(provides=frozenset({"pcietax_nic_receive_bytes_total"}))
+        s.counter("pcietax_nic_receive_bytes_total", 7, nic="eth9", pci_bus_id="")
+        return s
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_hanging_start_is_bounded_and_comes_up_later():
+    slow = _HangingStart()
+    other = Scripted("netdev", [nic(5)])
+    eng = Engine([slow, other], TaxModel(), start_budget=0.2, read_budget=0.2)
+    try:
+        t0 = time.monotonic()
+        eng.start_sources()
+        f = eng.collect()
+        assert time.monotonic() - t0 < 5  # bounded by the budgets, not by the 30 s start
+        assert f.status["netdev"].up
+        assert not f.status["slowstart"].up and f.status["slowstart"].reason.startswith("starting")
+        t1 = time.monotonic()
+        eng.collect()
+        assert time.monotonic() - t1 < 1  # a start still pending does not stall later cycles
+        slow.release.set()
+        deadline = time.monotonic() + 10
+        while not eng.collect().status["slowstart"].up:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        eng.close()
+    assert slow.closed
+
+
+def test_close_waits_for_a_start_in_flight_and_closes_it():
+    slow = _HangingStart()
+    eng = Engine([slow], TaxModel(), start_budget=0.1)
+    eng.start_sources()
+    threading.Timer(0.3, slow.release.set).start()
+    eng.close()  # must not leave a source started after close (its probes would stay attached)
+    assert slow.closed

@@ -1,0 +1,245 @@
+"""NetdevSource on fixture trees: which NICs count, how a RoCE / InfiniBand NIC is counted once,
+and every bad-input path (the affected series skipped, a fault recorded, the rest flowing)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import needs_root
+from helpers.asuser import run_as_nobody, world_traversable_dir
+from helpers.fakenode import FakeNode
+from pcietax.sources.base import SourceUnavailable
+from pcietax.sources.netdev import RX, TX, NetdevSource
+
+
+def _values(snap) -> dict[tuple[str, str], float]:
+    return {(s.family, dict(s.labels)["nic"]): s.value for s in snap.counters}
+
+
+def _rx(snap) -> dict[str, float]:
+    return {dict(s.labels)["nic"]: s.value for s in snap.counters if s.family == RX}
+
+
+def _source(node: FakeNode, nics: list[str] | None = None) -> NetdevSource:
+    src = NetdevSource(procfs=str(node.proc), sysfs=str(node.sys), nics=nics)
+    src.start()
+    return src
+
+
+@pytest.fixture
+def node(fake_node: FakeNode) -> FakeNode:
+    """Two plain Ethernet NICs, a RoCE NIC, an InfiniBand HCA with IPoIB, and virtual devices."""
+    rp = fake_node.add_pci("0000:00:01.0", 0x060400)
+    e0 = fake_node.add_pci("0000:3b:00.0", 0x020000, rp)
+    e1 = fake_node.add_pci("0000:3b:00.1", 0x020000, rp)
+    roce = fake_node.add_pci("0000:5e:00.0", 0x020000, rp)
+    ib = fake_node.add_pci("0000:86:00.0", 0x020700, rp)
+    fake_node.add_netdev("eno1", e0, 1_000, 2_000)
+    fake_node.add_netdev("eno2", e1, 3_000, 4_000)
+    fake_node.add_netdev("ens5f0", roce, 10_000, 20_000)
+    fake_node.add_rdma("mlx5_0", roce, {1: ("Ethernet", 1_000, 2_000)})
+    fake_node.add_netdev("ib0", ib, 555, 666)  # IPoIB: its bytes are inside the port counters
+    fake_node.add_rdma("mlx5_1", ib, {1: ("InfiniBand", 25_000, 50_000)})
+    for virt in ("lo", "docker0", "veth1a2b", "br0", "tunl0"):
+        fake_node.add_netdev(virt, None, 9_999, 9_999)
+    return fake_node
+
+
+def test_physical_nics_counted_once(node):
+    snap = _source(node).read()
+    assert snap.faults == []
+    assert snap.provides == {RX, TX}
+    assert _values(snap) == {
+        (RX, "eno1"): 1_000, (TX, "eno1"): 2_000,
+        (RX, "eno2"): 3_000, (TX, "eno2"): 4_000,
+        # RoCE: netdev bytes + port bytes (RDMA traffic bypasses the netdev stack).
+        (RX, "ens5f0"): 10_000 + 4 * 1_000, (TX, "ens5f0"): 20_000 + 4 * 2_000,
+        # InfiniBand: port bytes only (the IPoIB netdev's 555/666 are inside them).
+        (RX, "ib0"): 4 * 25_000, (TX, "ib0"): 4 * 50_000,
+    }
+    pci = {dict(s.labels)["nic"]: dict(s.labels)["pci_bus_id"] for s in snap.counters}
+    assert pci == {"eno1": "0000:3b:00.0", "eno2": "0000:3b:00.1", "ens5f0": "0000:5e:00.0",
+                   "ib0": "0000:86:00.0"}
+
+
+def test_nic_flag_names_and_globs(node):
+    assert set(_rx(_source(node, ["eno2"]).read())) == {"eno2"}
+    assert set(_rx(_source(node, ["eno*"]).read())) == {"eno1", "eno2"}
+    assert set(_rx(_source(node, ["ens5f?", "ib[0-9]"]).read())) == {"ens5f0", "ib0"}
+    # An explicitly named virtual device is measured: the operator asked for it.
+    got = _rx(_source(node, ["br0"]).read())
+    assert got == {"br0": 9_999}
+    # A name that matches nothing gives nothing, not an error.
+    assert _rx(_source(node, ["nope*"]).read()) == {}
+
+
+def test_glob_is_not_a_regex(node):
+    """'eno.' as a regex would match eno1; as an interface glob it names a literal dot."""
+    assert _rx(_source(node, ["eno."]).read()) == {}
+
+
+def test_nic_disappears_and_returns(node):
+    src = _source(node)
+    assert "eno2" in _rx(src.read())
+    node.remove_netdev("eno2")
+    snap = src.read()
+    assert "eno2" not in _rx(snap) and _rx(snap)["eno1"] == 1_000
+    node.add_netdev("eno2", node.add_pci("0000:3b:00.1", 0x020000), 3_500, 4_500)
+    assert _rx(src.read())["eno2"] == 3_500
+
+
+def test_netdev_listed_but_sysfs_gone(node):
+    """Between reading /proc/net/dev and sysfs the device link vanished: not physical any more, skipped."""
+    (node.sys / "class/net/eno1").unlink()
+    snap = _source(node).read()
+    assert "eno1" not in _rx(snap) and "eno2" in _rx(snap)
+
+
+def test_missing_proc_net_dev_fails_start(node):
+    (node.proc / "net/dev").unlink()
+    with pytest.raises(SourceUnavailable, match="net/dev"):
+        NetdevSource(procfs=str(node.proc), sysfs=str(node.sys)).start()
+
+
+def test_proc_net_dev_vanishes_after_start(node):
+    src = _source(node)
+    (node.proc / "net/dev").unlink()
+    with pytest.raises(SourceUnavailable, match="net/dev"):
+        src.read()
+
+
+def test_proc_net_dev_is_a_directory(node):
+    src = _source(node)
+    node.make_directory_in_place("proc/net/dev")
+    with pytest.raises(SourceUnavailable, match="net/dev"):
+        src.read()
+
+
+def test_garbage_and_truncated_lines_skip_only_that_nic(node):
+    text = (node.proc / "net/dev").read_text().splitlines()
+    out = []
+    for line in text:
+        if line.strip().startswith("eno1:"):
+            out.append(line.replace(" 1000 ", " 1x00 ", 1))  # not a number
+        elif line.strip().startswith("eno2:"):
+            out.append(line[: len(line) // 2])  # cut mid-line
+        else:
+            out.append(line)
+    out.append("garbage without a colon")
+    node.write_raw("proc/net/dev", "\n".join(out) + "\n")
+    snap = _source(node).read()
+    assert set(_rx(snap)) == {"ens5f0", "ib0"}
+    whats = sorted(f.what for f in snap.faults)
+    assert whats == ["not a number", "truncated line", "truncated line"]
+    assert all("net/dev:" in f.where for f in snap.faults)
+
+
+def test_non_ascii_proc_net_dev_is_unavailable(node):
+    src = _source(node)
+    node.write_raw("proc/net/dev", b"\xff\xfe garbage\n")
+    with pytest.raises(SourceUnavailable):
+        src.read()
+
+
+def test_unreadable_roce_port_holds_its_part(node):
+    """A RoCE NIC whose port counter cannot be read for a cycle must not drop to its netdev bytes:
+    that would look like a counter reset now and a jump by the port's whole history later. The
+    port's part is held, the netdev part keeps flowing."""
+    src = _source(node)
+    assert _rx(src.read())["ens5f0"] == 14_000
+    path = "sys/class/infiniband/mlx5_0/ports/1/counters/port_rcv_data"
+    node.make_directory_in_place(path)
+    node.set_netdev_bytes("ens5f0", 10_500, 20_000)
+    snap = src.read()
+    assert _rx(snap)["ens5f0"] == 14_500
+    assert set(_rx(snap)) == {"eno1", "eno2", "ens5f0", "ib0"}
+    assert [f.what for f in snap.faults] == ["unreadable RDMA counter"]
+    assert "mlx5_0" in snap.faults[0].where
+    (node.root / path).rmdir()
+    node.set_rdma_port("mlx5_0", 1, "Ethernet", 1_100, 2_000)
+    assert _rx(src.read())["ens5f0"] == 10_500 + 4_400
+
+
+def test_rdma_device_vanishes_and_returns_without_a_jump(node):
+    """mlx5_ib unloaded and reloaded under a live netdev: the NIC's counter neither drops to its
+    netdev bytes nor jumps by the port's history; a port that restarts from zero is absorbed."""
+    src = _source(node)
+    assert _rx(src.read()) == {"eno1": 1_000, "eno2": 3_000, "ens5f0": 14_000, "ib0": 100_000}
+    node.remove_rdma("mlx5_0")
+    node.remove_rdma("mlx5_1")
+    node.set_netdev_bytes("ens5f0", 10_100, 20_000)
+    node.set_netdev_bytes("ib0", 999, 999)  # IPoIB bytes never replace an InfiniBand NIC's port bytes
+    got = _rx(src.read())
+    assert got["ens5f0"] == 14_100 and got["ib0"] == 100_000
+    # Back, with counters restarted from zero by the reload.
+    roce = node.add_pci("0000:5e:00.0", 0x020000)
+    node.add_rdma("mlx5_0", roce, {1: ("Ethernet", 10, 0)})
+    node.add_rdma("mlx5_1", node.add_pci("0000:86:00.0", 0x020700), {1: ("InfiniBand", 5, 0)})
+    snap = src.read()
+    got = _rx(snap)
+    assert got["ens5f0"] == 14_100 + 40 and got["ib0"] == 100_020
+    # Both ports restarted in both directions: reported for pcietax_source_resets_total.
+    assert snap.resets == 4
+
+
+def test_rdma_driver_loaded_after_start_adds_only_its_increase(fake_node):
+    nic = fake_node.add_pci("0000:5e:00.0", 0x020000)
+    fake_node.add_netdev("ens5f0", nic, 10_000, 20_000)
+    src = _source(fake_node)
+    assert _rx(src.read()) == {"ens5f0": 10_000}
+    fake_node.add_rdma("mlx5_0", nic, {1: ("Ethernet", 10**9, 10**9)})  # a long port history
+    assert _rx(src.read()) == {"ens5f0": 10_000}
+    fake_node.set_rdma_port("mlx5_0", 1, "Ethernet", 10**9 + 25, 10**9)
+    assert _rx(src.read()) == {"ens5f0": 10_100}
+
+
+def test_garbage_port_counter_is_a_fault(node):
+    node.write_raw("sys/class/infiniband/mlx5_1/ports/1/counters/port_xmit_data", "lots\n")
+    snap = _source(node).read()
+    assert "ib0" not in _rx(snap) and "eno1" in _rx(snap)
+    assert len(snap.faults) == 1 and "port_xmit_data" in snap.faults[0].where
+
+
+def test_infiniband_hca_without_ipoib_is_still_a_nic(fake_node):
+    """An IB HCA with no IPoIB netdev moves bytes all the same: it is counted under its RDMA name."""
+    ib = fake_node.add_pci("0000:86:00.0", 0x020700)
+    fake_node.add_rdma("mlx5_1", ib, {1: ("InfiniBand", 100, 200), 2: ("InfiniBand", 1, 2)})
+    fake_node.add_netdev("lo", None, 5, 5)
+    snap = _source(fake_node).read()
+    assert _values(snap) == {(RX, "mlx5_1"): 404, (TX, "mlx5_1"): 808}
+    assert {dict(s.labels)["pci_bus_id"] for s in snap.counters} == {"0000:86:00.0"}
+    assert set(_rx(_source(fake_node, ["mlx5_*"]).read())) == {"mlx5_1"}
+    assert _rx(_source(fake_node, ["eth*"]).read()) == {}
+
+
+@needs_root  # drops to nobody: only root can
+def test_permission_denied_is_unavailable():
+    """As an unprivileged reader (the exporter run as a user): /proc/net/dev mode 000."""
+    root = world_traversable_dir()
+    try:
+        node = FakeNode(root)
+        node.add_netdev("eno1", node.add_pci("0000:3b:00.0", 0x020000), 1, 2)
+        (node.proc / "net/dev").chmod(0)
+        src = NetdevSource(procfs=str(node.proc), sysfs=str(node.sys))
+
+        def start_as_user() -> str:
+            try:
+                src.start()
+            except SourceUnavailable as e:
+                return str(e)
+            return "started"
+
+        assert "cannot read" in run_as_nobody(start_as_user)
+    finally:
+        shutil.rmtree(root)
+
+
+def test_port_without_data_counters_is_not_a_fault(node):
+    """SR-IOV VF ports have no port_*_data files: the RoCE NIC counts its netdev bytes, no fault."""
+    (node.sys / "class/infiniband/mlx5_0/ports/1/counters/port_rcv_data").unlink()
+    (node.sys / "class/infiniband/mlx5_0/ports/1/counters/port_xmit_data").unlink()
+    snap = _source(node).read()
+    assert snap.faults == []
+    assert _rx(snap)["ens5f0"] == 10_000

@@ -1,0 +1,112 @@
+"""RdmaSource on fixture trees: port data counters in 4-byte words, and the bad-input paths."""
+
+from __future__ import annotations
+
+import pytest
+
+from pcietax.sources.base import SourceUnavailable
+from pcietax.sources.rdma import RX, TX, RdmaSource
+
+
+def _values(snap) -> dict[tuple[str, str, str], float]:
+    return {(s.family, dict(s.labels)["device"], dict(s.labels)["port"]): s.value for s in snap.counters}
+
+
+@pytest.fixture
+def node(fake_node):
+    a = fake_node.add_pci("0000:5e:00.0", 0x020000)
+    b = fake_node.add_pci("0000:86:00.0", 0x020700)
+    fake_node.add_rdma("mlx5_0", a, {1: ("Ethernet", 10, 20)})
+    # Ports sort numerically (node_exporter and the kernel list 1, 2, ..., 10).
+    fake_node.add_rdma("mlx5_1", b, {1: ("InfiniBand", 1, 2), 2: ("InfiniBand", 3, 4),
+                                     10: ("InfiniBand", 5, 6)})
+    return fake_node
+
+
+def _source(node) -> RdmaSource:
+    src = RdmaSource(sysfs=str(node.sys))
+    src.start()
+    return src
+
+
+def test_ports_in_bytes(node):
+    snap = _source(node).read()
+    assert snap.faults == []
+    assert snap.provides == {RX, TX}
+    assert _values(snap) == {
+        (RX, "mlx5_0", "1"): 40, (TX, "mlx5_0", "1"): 80,
+        (RX, "mlx5_1", "1"): 4, (TX, "mlx5_1", "1"): 8,
+        (RX, "mlx5_1", "2"): 12, (TX, "mlx5_1", "2"): 16,
+        (RX, "mlx5_1", "10"): 20, (TX, "mlx5_1", "10"): 24,
+    }
+
+
+def test_64_bit_values_are_exact(node):
+    big = 2**62 + 7  # extended counters pass 2**53 words on a busy 400G port within a year or two
+    node.set_rdma_port("mlx5_0", 1, "Ethernet", big, 0)
+    v = _values(_source(node).read())[(RX, "mlx5_0", "1")]
+    assert v == float(big * 4)
+
+
+def test_no_infiniband_class_fails_start(fake_node):
+    (fake_node.sys / "class/infiniband").rmdir()
+    with pytest.raises(SourceUnavailable, match="no RDMA devices"):
+        RdmaSource(sysfs=str(fake_node.sys)).start()
+
+
+def test_class_dir_vanishes_after_start(node):
+    src = _source(node)
+    for dev in ("mlx5_0", "mlx5_1"):
+        node.remove_rdma(dev)
+    (node.sys / "class/infiniband").rmdir()
+    with pytest.raises(SourceUnavailable, match="cannot list"):
+        src.read()
+
+
+def test_garbage_counter_skips_that_series_only(node):
+    node.write_raw("sys/class/infiniband/mlx5_1/ports/2/counters/port_rcv_data", "12abc\n")
+    snap = _source(node).read()
+    got = _values(snap)
+    assert (RX, "mlx5_1", "2") not in got
+    assert got[(TX, "mlx5_1", "2")] == 16 and got[(RX, "mlx5_0", "1")] == 40
+    assert len(snap.faults) == 1
+    assert snap.faults[0].what == "unreadable RDMA counter"
+    assert "ports/2/counters/port_rcv_data" in snap.faults[0].where
+
+
+def test_empty_and_unreadable_counters(node):
+    node.write_raw("sys/class/infiniband/mlx5_0/ports/1/counters/port_xmit_data", "")
+    node.make_directory_in_place("sys/class/infiniband/mlx5_1/ports/1/counters/port_rcv_data")
+    snap = _source(node).read()
+    got = _values(snap)
+    assert (TX, "mlx5_0", "1") not in got and (RX, "mlx5_1", "1") not in got
+    assert len(got) == 6
+    wheres = sorted(f.where for f in snap.faults)
+    assert len(wheres) == 2
+    assert any("mlx5_0/ports/1/counters/port_xmit_data" in w for w in wheres)
+    assert any("mlx5_1/ports/1/counters/port_rcv_data" in w for w in wheres)
+
+
+def test_missing_data_counters_are_skipped_silently(node):
+    """SR-IOV VF ports have no port_*_data files: nothing to report, nothing wrong."""
+    (node.sys / "class/infiniband/mlx5_0/ports/1/counters/port_rcv_data").unlink()
+    snap = _source(node).read()
+    assert snap.faults == []
+    assert (RX, "mlx5_0", "1") not in _values(snap) and (TX, "mlx5_0", "1") in _values(snap)
+
+
+def test_device_without_ports_is_a_fault(node):
+    import shutil
+
+    shutil.rmtree(node.sys / "class/infiniband/mlx5_0/ports")
+    snap = _source(node).read()
+    assert [f.what for f in snap.faults] == ["cannot list RDMA ports"]
+    assert {k[1] for k in _values(snap)} == {"mlx5_1"}
+
+
+def test_device_vanishes_and_returns(node):
+    src = _source(node)
+    node.remove_rdma("mlx5_0")
+    assert {k[1] for k in _values(src.read())} == {"mlx5_1"}
+    node.add_rdma("mlx5_0", node.add_pci("0000:5e:00.0", 0x020000), {1: ("Ethernet", 11, 21)})
+    assert _values(src.read())[(RX, "mlx5_0", "1")] == 44
