@@ -100,13 +100,14 @@ def metrics_text(url: str) -> str:
 
 @contextmanager
 def serve(node: FakeNode, *extra: str, log: Path | None = None) -> Iterator[str]:
-    """`pcietax serve` on the fixture tree on a free loopback port; yields its /metrics URL."""
+    """`pcietax serve` on the fixture tree on a free loopback port; yields its /metrics URL. The
+    eBPF source is off: it traces the real kernel, not the fixture node."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [*pcietax_cmd(), "serve", "--web.listen-address", f"127.0.0.1:{port}",
-         "--path.sysfs", str(node.sys), "--path.procfs", str(node.proc), *extra],
+         "--path.sysfs", str(node.sys), "--path.procfs", str(node.proc), "--no-source.ebpf", *extra],
         env=pcietax_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         def up() -> bool:
