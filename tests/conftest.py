@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -12,23 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+# One definition of how to run this tree's CLI and find a port, shared with bench/.
+from helpers.exporters import free_port, pcietax_cmd, pcietax_env  # noqa: E402
 
-def pcietax_cmd() -> list[str]:
-    """The CLI of *this* tree (not whatever pcietax is installed), for subprocess tests."""
-    return [sys.executable, "-m", "pcietax"]
-
-
-def pcietax_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "exporter"), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["REPO", "free_port", "needs_root", "pcietax_cmd", "pcietax_env"]
 
 
 @pytest.fixture

@@ -112,7 +112,7 @@ def test_ratio_window_covers_only_the_last_window():
 
 def test_ratio_window_with_sparse_cycles():
     """With cycles further apart than the window, the ratio is over the last interval."""
-    model = TaxModel(window=2.0)
+    model = TaxModel(window=2.0, min_useful=0)
     provides, per_step, _, _ = SCENARIOS["tcp_into_pinned"]
     values = dict.fromkeys(per_step, 0.0)
     model.update(Inputs(0.0, dict(values), provides))
@@ -155,7 +155,7 @@ def test_measured_hops_fallbacks():
 def test_sum_of_rates_not_average_of_ratios():
     """Two nodes: a busy staged one (ratio 4) and a quiet GPUDirect one (ratio 1). The fleet ratio is
     total moved over total useful from the exported counters, which weights by traffic."""
-    busy, quiet = TaxModel(), TaxModel()
+    busy, quiet = TaxModel(min_useful=0), TaxModel(min_useful=0)
     p, s, _, _ = SCENARIOS["tcp_pageable_cudamemcpy"]
     sb, _ = _run(busy, p, {k: 9 * v for k, v in s.items()}, steps=2)
     p, s, _, _ = SCENARIOS["gpudirect_rdma"]
@@ -204,3 +204,24 @@ def test_upi_split_by_useful_share():
     st, _ = _run(TaxModel(), provides, {SOCK_IN: 3 * U, sock_out: U, upi: 8 * U}, steps=2)
     assert st.moved[("upi", "ingress")] == pytest.approx(6 * U)
     assert st.moved[("upi", "egress")] == pytest.approx(2 * U)
+
+
+def test_ratio_needs_a_minimum_of_useful_bytes():
+    """A bulk ingress transfer sends ACKs back: a few useful egress bytes against the NIC's transmit
+    headers would read as a ratio in the hundreds. Below --ratio.min-useful-bytes in the window
+    the ratio is absent, not huge; the counters still carry every byte."""
+    nic_tx = (NIC[1], labels_of(nic="ens5f0", pci_bus_id="0000:5e:00.0"))
+    sock_out = (SOCKET, labels_of(direction="egress", process="vllm"))
+    provides = frozenset({NIC[0], NIC[1], SOCKET})
+    per_step = {NIC_RX: U, SOCK_IN: U, nic_tx: 40_000.0, sock_out: 100.0}
+    state, _ = _run(TaxModel(window=10.0), provides, per_step, steps=12)
+    assert state.ratio["ingress"] == pytest.approx(2.0)
+    assert "egress" not in state.ratio
+    assert state.useful["egress"] == pytest.approx(11 * 100.0)
+    state, _ = _run(TaxModel(window=10.0, min_useful=0), provides, per_step, steps=12)
+    assert state.ratio["egress"] == pytest.approx(401.0)
+
+
+def test_negative_minimum_useful_is_refused():
+    with pytest.raises(ValueError, match="minimum useful bytes"):
+        TaxModel(min_useful=-1)

@@ -13,21 +13,10 @@ import threading
 from collections.abc import Callable, Sequence
 
 from . import __version__, top, topo_cli
+from .argtypes import duration, size_or_zero
 from .sources import SourceOptions
 
 log = logging.getLogger("pcietax")
-
-
-def _duration(text: str) -> float:
-    """Prometheus-style durations: 10s, 500ms, 1m, or plain seconds."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 10s, 500ms, 1m)")
-    mult = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    value = float(m.group(1)) * mult
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -58,13 +47,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memcpy.probe", dest="memcpy_probe", action="store_true",
                    help="opt-in: uprobe glibc memcpy of target processes to count copies into pinned "
                         "buffers (costs a uprobe hit per memcpy call; see docs/ebpf.md)")
-    p.add_argument("--ratio.window", dest="ratio_window", type=_duration, default=10.0,
+    p.add_argument("--ratio.window", dest="ratio_window", type=duration, default=10.0,
                    help="window of the live tax ratio (default 10s)")
-    p.add_argument("--collect.interval", dest="collect_interval", type=_duration, default=1.0,
+    p.add_argument("--ratio.min-useful-bytes", dest="ratio_min_useful", type=size_or_zero, default=1 << 20,
+                   help="useful bytes a direction must carry within the window for its ratio to be "
+                        "exported (default 1MiB; below that the ratio is absent, not huge)")
+    p.add_argument("--collect.interval", dest="collect_interval", type=duration, default=1.0,
                    help="how often sources are read (default 1s); scrapes render the latest read")
     p.add_argument("--otlp.endpoint", dest="otlp_endpoint", default=None, metavar="URL",
                    help="also push the same metrics over OTLP/HTTP, e.g. http://collector:4318/v1/metrics")
-    p.add_argument("--otlp.interval", dest="otlp_interval", type=_duration, default=15.0,
+    p.add_argument("--otlp.interval", dest="otlp_interval", type=duration, default=15.0,
                    help="OTLP push interval (default 15s)")
     p.add_argument("--otlp.header", dest="otlp_header", action="append", default=[], metavar="KEY=VALUE",
                    help="HTTP header for OTLP pushes (repeatable), e.g. an auth token")
@@ -161,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     opts = options_from_args(args)
     enabled = [s for s in SOURCES if getattr(args, f"source_{s.name}")]
-    engine = Engine([s.build(opts) for s in enabled], TaxModel(args.ratio_window))
+    engine = Engine([s.build(opts) for s in enabled], TaxModel(args.ratio_window, args.ratio_min_useful))
     registry = PcietaxRegistry(engine.frame, [s.name for s in enabled])
     try:
         server = make_server(args.listen, registry, web)

@@ -83,10 +83,15 @@ def useful_measured(provides: frozenset[str]) -> bool:
 
 
 class TaxModel:
-    def __init__(self, window: float = 10.0) -> None:
+    def __init__(self, window: float = 10.0, min_useful: float = 1 << 20) -> None:
         if window <= 0:
             raise ValueError("ratio window must be positive")
+        if min_useful < 0:
+            raise ValueError("minimum useful bytes must not be negative")
         self.window = window
+        # A direction that carried almost no payload (the ACKs of a bulk transfer, say) has no
+        # meaningful ratio: a few bytes of useful traffic against its NIC's headers reads as 10^6.
+        self.min_useful = min_useful
         self._last: dict[SeriesKey, float] = {}
         self._useful = dict.fromkeys(DIRECTIONS, 0.0)
         self._moved: dict[HopKey, float] = {(h, d): 0.0 for h in HOPS for d in DIRECTIONS}
@@ -134,7 +139,7 @@ class TaxModel:
         if have_useful and t0 < t:
             for x in DIRECTIONS:
                 du = self._useful[x] - useful0[x]
-                if du > 0:
+                if du > 0 and du >= self.min_useful:
                     ratio[x] = (moved_sum[x] - moved0[x]) / du
         return TaxState(
             useful=dict(self._useful) if have_useful else {},

@@ -3,6 +3,7 @@ file. Unprivileged readers get only the first 64 bytes: anything past that is *u
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 CAP_PCIE = 0x10
@@ -145,3 +146,12 @@ class Acs:
         """True when RR or CR is enabled (P2P goes through the root complex); None when unknown."""
         on = self.enabled
         return None if on is None else any(b in on for b in ACS_REDIRECT)
+
+
+def read_max_payload_size(device_dir: str | os.PathLike[str]) -> int | None:
+    """Programmed MPS of a sysfs PCI device directory, or None (not root, no PCIe capability)."""
+    try:
+        with open(os.path.join(device_dir, "config"), "rb") as f:
+            return Config(f.read(256)).max_payload_size()
+    except OSError:
+        return None

@@ -29,10 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pcietax_env() -> dict[str, str]:
-    """Environment that runs *this* tree's package (tests use conftest.pcietax_env, the same)."""
+def pcietax_cmd() -> list[str]:
+    """The CLI of *this* tree (not whatever pcietax is installed), for subprocess tests."""
+    return [sys.executable, "-m", "pcietax"]
+
+
+def pcietax_env(**extra: str) -> dict[str, str]:
+    """Environment that runs *this* tree's package."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "exporter"), env.get("PYTHONPATH")]))
+    env.update(extra)
     return env
 
 
@@ -45,7 +51,7 @@ def serve_args(sysfs: Path, procfs: Path, port: int, extra: Sequence[str] = ()) 
 
 
 def pcietax_argv(sysfs: Path, procfs: Path, port: int, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "pcietax", *serve_args(sysfs, procfs, port, extra)]
+    return [*pcietax_cmd(), *serve_args(sysfs, procfs, port, extra)]
 
 
 def node_exporter_argv(sysfs: Path, procfs: Path, port: int, collectors: Sequence[str]) -> list[str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..pcie_config import Config
+from ..pcie_config import read_max_payload_size
 from ..pcie_math import RATE_GTS, ceiling
 from . import nvml_binding as nv
 from .base import Snapshot, SourceUnavailable
@@ -211,11 +211,7 @@ class NvmlSource:
 
     def _mps(self, bus: str) -> int:
         """Programmed max payload size from config space (sysfs), for the link ceiling."""
-        try:
-            with open(self._pci_devices / bus / "config", "rb") as f:
-                return Config(f.read(256)).max_payload_size() or DEFAULT_MPS
-        except OSError:
-            return DEFAULT_MPS
+        return read_max_payload_size(self._pci_devices / bus) or DEFAULT_MPS
 
     def close(self) -> None:
         pool, self._pool = self._pool, None

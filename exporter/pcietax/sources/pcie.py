@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ..fsread import read_optional_str, read_text
-from ..pcie_config import Config
+from ..pcie_config import read_max_payload_size
 from ..pcie_math import ceiling, gen_of_speed
 from .base import Snapshot, SourceUnavailable
 
@@ -115,8 +115,4 @@ class PcieSource:
 
     @staticmethod
     def _mps(dev: str) -> int | None:
-        try:
-            with open(dev + "/config", "rb") as f:
-                return Config(f.read(256)).max_payload_size()
-        except OSError:
-            return None
+        return read_max_payload_size(dev)

@@ -12,21 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..argtypes import size, size_or_zero
 from .scenarios import SCENARIOS
-
-
-def _size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "ki": 1 << 10, "m": 1 << 20, "mi": 1 << 20, "g": 1 << 30, "gi": 1 << 30}
-    t = text.strip().lower().removesuffix("b")
-    num = t.rstrip("kmgi")
-    unit = t[len(num):]
-    try:
-        value = int(float(num) * units[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 64MiB, 1M, 4096)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "section 1 and print the ground truth (bytes per hop) as JSON.")
     p.add_argument("--scenario", action="append", choices=(*SCENARIOS, "all"), default=[],
                    help="data path to run (repeatable; default: all, in order)")
-    p.add_argument("--bytes", dest="nbytes", type=_size, default=64 << 20,
+    p.add_argument("--bytes", dest="nbytes", type=size, default=64 << 20,
                    help="payload per scenario (default 64MiB)")
-    p.add_argument("--chunk", type=_size, default=1 << 20, help="bytes per request (default 1MiB)")
+    p.add_argument("--chunk", type=size, default=1 << 20, help="bytes per request (default 1MiB)")
     p.add_argument("--peer", default=None, metavar="HOST:PORT",
                    help="network peer (a `pcietax workload --serve-peer` elsewhere); default: start "
                         "one on loopback as a child process")
@@ -59,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default="pcietax-workload", help="model_name label of the histogram")
     p.add_argument("--duration", type=float, default=0.0,
                    help="repeat the scenarios for this many seconds (default: run each once)")
-    p.add_argument("--rate", type=_size, default=0, help="cap throughput to this many bytes/s")
+    p.add_argument("--rate", type=size_or_zero, default=0, help="cap throughput to this many bytes/s")
     p.add_argument("--request-delay", type=float, default=0.0,
                    help="extra seconds per request (to provoke TTFT alerts)")
     p.add_argument("--wait-signal", action="store_true",
