@@ -29,14 +29,24 @@ def test_committed_rules_match_the_generator():
     assert RULES.read_text() == render(RuleConfig()), "stale: run python -m alerts.generate"
 
 
+def test_committed_prometheusrule_carries_the_same_groups():
+    doc = yaml.safe_load((REPO / "deploy/kubernetes/prometheusrule.yaml").read_text())
+    assert doc["kind"] == "PrometheusRule" and doc["metadata"]["namespace"] == "monitoring"
+    assert doc["spec"] == yaml.safe_load(RULES.read_text())
+
+
 def test_generate_check_detects_a_stale_file(tmp_path):
     from alerts.generate import main
 
-    out = tmp_path / "rules.yml"
-    assert main(["--out", str(out)]) == 0
-    assert main(["--check", "--out", str(out)]) == 0
-    out.write_text(out.read_text().replace("> 2.5", "> 3"))
-    assert main(["--check", "--out", str(out)]) == 1
+    out, k8s = tmp_path / "rules.yml", tmp_path / "prometheusrule.yaml"
+    args = ["--out", str(out), "--k8s-out", str(k8s)]
+    assert main(args) == 0
+    assert main(["--check", *args]) == 0
+    for f in (out, k8s):
+        good = f.read_text()
+        f.write_text(good.replace("> 2.5", "> 3"))
+        assert main(["--check", *args]) == 1
+        f.write_text(good)
 
 
 @needs_promtool
