@@ -72,6 +72,7 @@ def test_staged_burst_pages_ratio_high_through_alertmanager(tmp_path):
     assert alert["labels"]["direction"] == "ingress"
     assert alert["labels"]["severity"] == "warning"
     ratio = float(alert["annotations"]["ratio"])
+    print(f"webhook got PcieTaxRatioHigh node={alert['labels']['node']} ratio={ratio}")  # shown with -s
     assert 2.5 < ratio < 3.6, alert  # (2 + 1) / 1 plus the idle phase still in the 1m window
     assert f"{alert['annotations']['ratio']} bytes" in alert["annotations"]["description"]
     assert alert["annotations"]["runbook_url"].endswith("#pcietaxratiohigh")

@@ -109,5 +109,6 @@ def test_workload_burst_pages_ratio_high_with_its_ttft_on_the_same_node(tmp_path
     assert alert["status"] == "firing"
     assert alert["labels"]["node"] == "localhost"
     ratio = float(alert["annotations"]["ratio"])
+    print(f"webhook got PcieTaxRatioHigh node={alert['labels']['node']} ratio={ratio}")  # shown with -s
     assert 2.5 < ratio < 5.0, alert
     assert f"moves {alert['annotations']['ratio']} bytes" in alert["annotations"]["description"]
