@@ -88,9 +88,9 @@ class Exporter:
 
 
 def _bytes(text: str) -> int:
-    from pcietax.workload import _size
+    from pcietax.argtypes import size
 
-    return _size(text)
+    return size(text)
 
 
 def _cpu_s(pid: int) -> float:

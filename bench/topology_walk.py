@@ -8,6 +8,7 @@ machine's /sys. Run: .venv/bin/python bench/topology_walk.py
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -32,6 +33,7 @@ def timed(fn, n: int) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     with tempfile.TemporaryDirectory() as d:
         lay = hgx_h100(Path(d), redirect_switch=2)
         for label, sysfs in (("HGX fixture", str(lay.sysfs)), ("this /sys", "/sys")):
