@@ -90,3 +90,25 @@ def test_tax_ratio_stat_has_the_issue_thresholds():
     steps = [s["value"] for s in p["fieldConfig"]["defaults"]["thresholds"]["steps"]]
     assert steps == [None, 1.5, 2.5]
     assert "sum by (node, direction) (rate(pcietax_moved_bytes_total" in p["targets"][0]["expr"]
+
+
+def test_grafana_sidecar_configmaps_carry_the_committed_dashboards():
+    """deploy/kubernetes/grafana-dashboards.yaml is what kube-prometheus-stack's Grafana sidecar
+    loads: one ConfigMap per dashboard, labelled grafana_dashboard=1, holding the JSON byte for byte."""
+    import json
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    docs = list(yaml.safe_load_all((repo / "deploy/kubernetes/grafana-dashboards.yaml").read_text()))
+    committed = {p.name: p.read_text() for p in (repo / "dashboards").glob("*.json")}
+    got = {}
+    for cm in docs:
+        assert cm["kind"] == "ConfigMap"
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        got.update(cm["data"])
+    assert got == committed
+    for text in got.values():
+        json.loads(text)
+    kust = yaml.safe_load((repo / "deploy/kubernetes/kustomization.yaml").read_text())
+    assert "grafana-dashboards.yaml" in kust["resources"]
