@@ -90,7 +90,9 @@ def venv(wheel, tmp_path_factory) -> Path:
                              capture_output=True, text=True, check=True).stdout.strip()
     # The runtime deps (prometheus-client, bcrypt, PyYAML) from the venv running the tests.
     Path(purelib, "pcietax-test-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index",
+    # --ignore-installed: the test venv may hold pcietax itself (scripts/setup.sh installs it there),
+    # and through the .pth pip would call the wheel "already satisfied" and install nothing.
+    r = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
                         "--disable-pip-version-check", str(wheel)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
