@@ -376,10 +376,9 @@ int ptx_cu_dtoh(struct pt_regs *ctx) {
     return 0;
 }
 
-// cudaHostAlloc(void **p, size_t size, unsigned flags), cudaMallocHost(void **p, size_t size),
-// cuMemHostAlloc(void **pp, size_t bytesize, unsigned flags), cuMemAllocHost_v2(void **pp, size_t):
-// the pointer is known only on return, so remember where it will be written.
-int ptx_host_alloc(struct pt_regs *ctx) {
+// Entry of every pinning call: its first two arguments (a pointer and a size) are needed on return,
+// when the call has succeeded. Allocation and registration differ only in what the pointer is.
+static __always_inline int remember_pin_args(struct pt_regs *ctx) {
     hit(P_CUDA_PINNED);
     u64 id = bpf_get_current_pid_tgid();
     if (!is_target(id >> 32))
@@ -388,6 +387,11 @@ int ptx_host_alloc(struct pt_regs *ctx) {
     alloc_args.update(&id, &a);
     return 0;
 }
+
+// cudaHostAlloc(void **p, size_t size, unsigned flags), cudaMallocHost(void **p, size_t size),
+// cuMemHostAlloc(void **pp, size_t bytesize, unsigned flags), cuMemAllocHost_v2(void **pp, size_t):
+// the pointer is known only on return, so remember where it will be written.
+int ptx_host_alloc(struct pt_regs *ctx) { return remember_pin_args(ctx); }
 
 int ptx_host_alloc_ret(struct pt_regs *ctx) {
     u64 id = bpf_get_current_pid_tgid();
@@ -403,15 +407,7 @@ int ptx_host_alloc_ret(struct pt_regs *ctx) {
 }
 
 // cudaHostRegister(void *p, size_t size, unsigned flags), cuMemHostRegister_v2(void *p, size_t, unsigned)
-int ptx_host_register(struct pt_regs *ctx) {
-    hit(P_CUDA_PINNED);
-    u64 id = bpf_get_current_pid_tgid();
-    if (!is_target(id >> 32))
-        return 0;
-    struct alloc_arg a = {.pp = PT_REGS_PARM1(ctx), .size = PT_REGS_PARM2(ctx)};
-    alloc_args.update(&id, &a);
-    return 0;
-}
+int ptx_host_register(struct pt_regs *ctx) { return remember_pin_args(ctx); }
 
 int ptx_host_register_ret(struct pt_regs *ctx) {
     u64 id = bpf_get_current_pid_tgid();

@@ -192,6 +192,22 @@ def test_every_hop_matches_ground_truth(exporter, peer, outsider, scenario):
     assert not has(after, "pcietax_socket_copy_bytes_total", process="ptx-peer")
 
 
+def test_host_register_pins_like_host_alloc(exporter, peer):
+    """Memory the program already had, pinned in place with cudaHostRegister (PyTorch's pin_memory,
+    vLLM's buffers), must be classed pinned exactly as cudaHostAlloc memory is: no bounce copy, so
+    no user_copy hop and a ratio of 3, not 4."""
+    url, log = exporter
+    before, truth = _run_target(url, log, peer, "--scenario", "pinned", "--pin", "register",
+                                "--bytes", str(PAYLOAD))
+    after = _settled(url, before, truth)
+    assert truth["cuda_copies"]["h2d"]["pinned"]["bytes"] == PAYLOAD
+    _assert_cuda_exact(after, before, truth)
+    assert _delta(after, before, "pcietax_moved_bytes_total", hop="user_copy", direction="ingress") == 0
+    useful = _delta(after, before, "pcietax_useful_bytes_total", direction="ingress")
+    moved = sum(_delta(after, before, "pcietax_moved_bytes_total", hop=h, direction="ingress") for h in HOPS)
+    assert moved / useful == pytest.approx(3.0, abs=0.15)
+
+
 @pytest.mark.parametrize("args", [["--stub-driver"], ["--api", "driver"]],
                          ids=["runtime-over-driver", "driver-api"])
 def test_cuda_copies_count_once_through_runtime_and_driver(exporter, peer, args):

@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api", choices=("runtime", "driver"), default="runtime",
                    help="make the copies and pinned allocations through the runtime API (cudaMemcpyAsync, "
                         "cudaHostAlloc) or the driver API (cuMemcpyHtoDAsync_v2, cuMemHostAlloc)")
+    p.add_argument("--pin", choices=("alloc", "register"), default="alloc",
+                   help="how the pinned buffer is made: cudaHostAlloc (alloc) or cudaHostRegister on "
+                        "memory the program already has (register, as PyTorch's pin_memory does)")
     p.add_argument("--stub-driver", action="store_true",
                    help="stand-in runtime layered on a stand-in driver library, as NVIDIA's is (each "
                         "runtime copy then passes through a driver copy function too)")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             if metrics is not None and metrics.stdin is not None:
                 metrics.stdin.write(f"t {seconds:.6f}\n")
 
-        runner = Runner(cuda, peer, args.chunk, on_request, args.request_delay, float(args.rate))
+        runner = Runner(cuda, peer, args.chunk, on_request, args.request_delay, float(args.rate), args.pin)
         if args.wait_signal:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
             print(f"ready pid={os.getpid()} cudart={cuda.path}", file=sys.stderr, flush=True)

@@ -119,6 +119,15 @@ class Cudart:
         self._ok(self._lib.cudaHostAlloc(ctypes.byref(p), size, 0), "cudaHostAlloc")
         return int(p.value or 0)
 
+    def host_register(self, p: int, size: int) -> None:
+        """Pin memory the program already has (how PyTorch's pin_memory and vLLM pin buffers)."""
+        if self._drv is not None:
+            raise CudaError("--pin register goes through the runtime API (use --api runtime)")
+        self._ok(self._lib.cudaHostRegister(p, size, 0), "cudaHostRegister")
+
+    def host_unregister(self, p: int) -> None:
+        self._ok(self._lib.cudaHostUnregister(p), "cudaHostUnregister")
+
     def free_host(self, p: int) -> None:
         if self._drv is not None:
             self._ok(self._drv.cuMemFreeHost(p), "cuMemFreeHost")

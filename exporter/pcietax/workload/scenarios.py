@@ -15,6 +15,7 @@ Per request (one chunk):
 from __future__ import annotations
 
 import ctypes
+import mmap
 import socket
 import time
 from collections.abc import Callable
@@ -83,7 +84,7 @@ _libc.memcpy.restype = ctypes.c_void_p
 class Runner:
     def __init__(self, cuda: Cudart, peer: tuple[str, int], chunk: int,
                  on_request: Callable[[float], None] | None = None, request_delay: float = 0.0,
-                 rate: float = 0.0) -> None:
+                 rate: float = 0.0, pin: str = "alloc") -> None:
         self.cuda = cuda
         self.peer = peer
         self.chunk = chunk
@@ -93,17 +94,32 @@ class Runner:
         self._rate = rate
         self._pinned = 0
         self._device = 0
+        if pin not in ("alloc", "register"):
+            raise ValueError(f"pin must be alloc or register, got {pin!r}")
+        self._pin = pin
+        self._registered: mmap.mmap | None = None
         self._app = bytearray(chunk)
         self._app_addr = ctypes.addressof((ctypes.c_char * chunk).from_buffer(self._app))
 
     def setup(self) -> None:
         """Pinned and device buffers (allocated after the exporter attached, so their pinned ranges
         are known: see docs/ebpf.md on processes started before the exporter)."""
-        self._pinned = self.cuda.host_alloc(self.chunk)
+        if self._pin == "register":
+            # Page-aligned memory of our own, pinned in place: the cudaHostRegister path.
+            self._registered = mmap.mmap(-1, self.chunk)
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(self._registered))
+            self.cuda.host_register(addr, self.chunk)
+            self._pinned = addr
+        else:
+            self._pinned = self.cuda.host_alloc(self.chunk)
         self._device = self.cuda.malloc(self.chunk)
 
     def close(self) -> None:
-        if self._pinned:
+        if self._pinned and self._registered is not None:
+            self.cuda.host_unregister(self._pinned)
+            self._pinned = 0
+            # ctypes views into the mapping may still exist; the mapping goes with the process.
+        elif self._pinned:
             self.cuda.free_host(self._pinned)
             self._pinned = 0
         if self._device:
