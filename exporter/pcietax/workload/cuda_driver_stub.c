@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "stub_host.h"
+
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
 typedef void *CUstream;
@@ -18,62 +20,10 @@ typedef void *CUstream;
 #define CUDA_ERROR_INVALID_VALUE 1
 #define CUDA_ERROR_OUT_OF_MEMORY 2
 
-#define BOUNCE (2u << 20)
-static unsigned char bounce[BOUNCE] __attribute__((aligned(64)));
-
-__attribute__((noinline)) static void dma(void *dst, const void *src, size_t n) {
-    uint64_t *d = dst;
-    const uint64_t *s = src;
-    size_t words = n / 8;
-    for (size_t i = 0; i < words; i++) {
-        __asm__ volatile("" ::: "memory");
-        d[i] = s[i];
-    }
-    unsigned char *db = (unsigned char *)dst + words * 8;
-    const unsigned char *sb = (const unsigned char *)src + words * 8;
-    for (size_t i = 0; i < n % 8; i++)
-        db[i] = sb[i];
-}
-
-#define MAX_PINNED 1024
-static struct { uintptr_t start, end; } pinned[MAX_PINNED];
-
-static int is_pinned(const void *p) {
-    uintptr_t a = (uintptr_t)p;
-    for (int i = 0; i < MAX_PINNED; i++)
-        if (a >= pinned[i].start && a < pinned[i].end)
-            return 1;
-    return 0;
-}
-
-static void track(void *p, size_t size) {
-    for (int i = 0; i < MAX_PINNED; i++)
-        if (pinned[i].start == 0) {
-            pinned[i].start = (uintptr_t)p;
-            pinned[i].end = (uintptr_t)p + size;
-            return;
-        }
-}
-
-static void untrack(void *p) {
-    for (int i = 0; i < MAX_PINNED; i++)
-        if (pinned[i].start == (uintptr_t)p)
-            pinned[i].start = pinned[i].end = 0;
-}
-
-/* host is the host-side pointer; pageable host memory is staged through the bounce buffer. */
 static CUresult copy(void *dst, const void *src, size_t n, const void *host) {
     if (!dst || !src)
         return CUDA_ERROR_INVALID_VALUE;
-    if (is_pinned(host)) {
-        dma(dst, src, n);
-        return CUDA_SUCCESS;
-    }
-    for (size_t off = 0; off < n; off += BOUNCE) {
-        size_t k = n - off < BOUNCE ? n - off : BOUNCE;
-        dma(bounce, (const char *)src + off, k);
-        dma((char *)dst + off, bounce, k);
-    }
+    staged_copy(dst, src, n, host);
     return CUDA_SUCCESS;
 }
 

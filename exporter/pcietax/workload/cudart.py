@@ -15,6 +15,7 @@ from pathlib import Path
 
 STUB_SOURCE = Path(__file__).with_name("cudart_stub.c")
 DRIVER_STUB_SOURCE = Path(__file__).with_name("cuda_driver_stub.c")
+STUB_HEADER = Path(__file__).with_name("stub_host.h")  # included by both
 STUB_SONAME = "libcudart.so.12"
 DRIVER_SONAME = "libcuda.so.1"
 CFLAGS = ["-O2", "-shared", "-fPIC", "-fno-builtin", "-fno-tree-loop-distribute-patterns"]
@@ -35,7 +36,7 @@ def build_stub(cache: Path | None = None, driver: bool = False) -> Path:
     """Compile the stand-in once per source version; safe when several workloads race to build.
     With ``driver``, also the driver stand-in (libcuda.so.1) beside it, and a runtime that calls it
     as NVIDIA's does; returns the runtime's path either way."""
-    srcs = [STUB_SOURCE] + ([DRIVER_STUB_SOURCE] if driver else [])
+    srcs = [STUB_HEADER, STUB_SOURCE] + ([DRIVER_STUB_SOURCE] if driver else [])
     tag = hashlib.sha256(b"".join(p.read_bytes() for p in srcs) + b" ".join(map(str.encode, CFLAGS)))
     out_dir = (cache or cache_dir()) / f"cudart-stub{'-driver' if driver else ''}-{tag.hexdigest()[:12]}"
     lib = out_dir / STUB_SONAME

@@ -12,12 +12,13 @@
  *
  * Built by `pcietax workload` with: gcc -O2 -shared -fPIC -fno-builtin
  *     -fno-tree-loop-distribute-patterns -Wl,-soname,libcudart.so.12
- * The copy loops must not become calls to libc memcpy (no -ftree-loop-distribute-patterns, no
- * builtins): the opt-in memcpy probe would then see the stand-in's DMA as a user-space copy.
+ * The copy loops must not become calls to libc memcpy (see stub_host.h).
  */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "stub_host.h"
 
 typedef int cudaError_t;
 typedef void *cudaStream_t;
@@ -32,74 +33,13 @@ enum cudaMemcpyKind {
 #define cudaErrorInvalidValue 1
 #define cudaErrorMemoryAllocation 2
 
-#define BOUNCE (2u << 20) /* the driver stages pageable copies through pinned chunks */
-
-static unsigned char bounce[BOUNCE] __attribute__((aligned(64)));
-
-/* A plain word copy, kept out of libc (see the header comment). */
-__attribute__((noinline)) static void dma(void *dst, const void *src, size_t n) {
-    uint64_t *d = dst;
-    const uint64_t *s = src;
-    size_t words = n / 8;
-    for (size_t i = 0; i < words; i++) {
-        __asm__ volatile("" ::: "memory");
-        d[i] = s[i];
-    }
-    unsigned char *db = (unsigned char *)dst + words * 8;
-    const unsigned char *sb = (const unsigned char *)src + words * 8;
-    for (size_t i = 0; i < n % 8; i++)
-        db[i] = sb[i];
-}
-
-/* Host allocations made pinned through this library (cudaHostAlloc / cudaHostRegister). */
-#define MAX_PINNED 1024
-static struct { uintptr_t start, end; } pinned[MAX_PINNED];
-
-__attribute__((unused)) static int is_pinned(const void *p) {
-    uintptr_t a = (uintptr_t)p;
-    for (int i = 0; i < MAX_PINNED; i++)
-        if (a >= pinned[i].start && a < pinned[i].end)
-            return 1;
-    return 0;
-}
-
-__attribute__((unused)) static void track(void *p, size_t size) {
-    for (int i = 0; i < MAX_PINNED; i++) {
-        if (pinned[i].start == 0) {
-            pinned[i].start = (uintptr_t)p;
-            pinned[i].end = (uintptr_t)p + size;
-            return;
-        }
-    }
-}
-
-__attribute__((unused)) static void untrack(void *p) {
-    for (int i = 0; i < MAX_PINNED; i++)
-        if (pinned[i].start == (uintptr_t)p)
-            pinned[i].start = pinned[i].end = 0;
-}
-
 __attribute__((unused)) static cudaError_t copy(void *dst, const void *src, size_t count, enum cudaMemcpyKind kind) {
     if (count == 0)
         return cudaSuccess;
     if (!dst || !src)
         return cudaErrorInvalidValue;
     const void *host = kind == cudaMemcpyHostToDevice ? src : kind == cudaMemcpyDeviceToHost ? dst : NULL;
-    if (host && !is_pinned(host)) {
-        /* pageable: stage through the bounce buffer, as the real driver does */
-        for (size_t off = 0; off < count; off += BOUNCE) {
-            size_t n = count - off < BOUNCE ? count - off : BOUNCE;
-            if (kind == cudaMemcpyHostToDevice) {
-                dma(bounce, (const char *)src + off, n);
-                dma((char *)dst + off, bounce, n);
-            } else {
-                dma(bounce, (const char *)src + off, n);
-                dma((char *)dst + off, bounce, n);
-            }
-        }
-        return cudaSuccess;
-    }
-    dma(dst, src, count);
+    staged_copy(dst, src, count, host);
     return cudaSuccess;
 }
 
