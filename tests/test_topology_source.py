@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, pcietax_cmd, pcietax_env
+from conftest import pcietax_cmd, pcietax_env
+from helpers.exporters import serve_until
 from helpers.topotree import expected_path, hgx_h100
 from pcietax.engine import Engine
 from pcietax.model import TaxModel
@@ -121,35 +120,18 @@ def test_topo_command_text_json_and_bad_root(tmp_path):
 
 def test_exporter_serves_the_verdicts(tmp_path):
     lay = hgx_h100(tmp_path, redirect_switch=2)
-    port = free_port()
-    proc = subprocess.Popen(
-        [*pcietax_cmd(), "serve", "--web.listen-address", f"127.0.0.1:{port}",
-         "--path.sysfs", str(lay.sysfs), "--path.procfs", str(lay.node.proc)],
-        env=pcietax_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        text = ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                    text = resp.read().decode()
-                if BEST_NIC in text:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
-        fams = {f.name: f for f in text_string_to_metric_families(text)}
-        assert len(fams[PATH_INFO].samples) == 72
-        best = {s.labels["gpu"]: s.labels for s in fams[BEST_NIC].samples}
-        assert best[SWITCH2_GPU]["gpudirect"] == "blocked"
-        assert sum(lab["gpudirect"] == "ready" for lab in best.values()) == 6
-        up = {s.labels["source"]: s.value for s in fams["pcietax_source_up"].samples}
-        assert up["topology"] == 1
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    log = tmp_path / "serve.log"
+    text, rc = serve_until(log, "--path.sysfs", str(lay.sysfs), "--path.procfs", str(lay.node.proc),
+                           until=BEST_NIC)
+    assert BEST_NIC in text, log.read_text()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert len(fams[PATH_INFO].samples) == 72
+    best = {s.labels["gpu"]: s.labels for s in fams[BEST_NIC].samples}
+    assert best[SWITCH2_GPU]["gpudirect"] == "blocked"
+    assert sum(lab["gpudirect"] == "ready" for lab in best.values()) == 6
+    up = {s.labels["source"]: s.value for s in fams["pcietax_source_up"].samples}
+    assert up["topology"] == 1
+    assert rc == 0
 
 
 def test_real_sysfs_of_this_machine():

@@ -4,46 +4,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import time
-import urllib.request
 
 import pytest
 
-from conftest import free_port, pcietax_cmd, pcietax_env
+from helpers.exporters import serve_until
 from helpers.fakeuncore import FakeUncore
 
 
 def _serve(tmp_path, *extra: str, until: str = 'pcietax_source_up{source="upi"}') -> tuple[str, str]:
     """Start serve, poll /metrics until ``until`` shows up, stop it; (metrics, log)."""
-    port = free_port()
     log = tmp_path / "serve.log"
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(
-            [*pcietax_cmd(), "serve", f"--web.listen-address=127.0.0.1:{port}", *extra],
-            env=pcietax_env(), stdout=logf, stderr=subprocess.STDOUT,
-        )
-        try:
-            body = ""
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                        body = r.read().decode()
-                    if until in body:
-                        break
-                except OSError:
-                    pass
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.2)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    body, _ = serve_until(log, *extra, until=until)
     return body, log.read_text()
 
 

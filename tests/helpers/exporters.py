@@ -113,3 +113,33 @@ def parse(text: str) -> Series:
 
 def select(series: Series, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return {labels: v for (n, labels), v in series.items() if n == name}
+
+
+def serve_until(log: Path, *extra: str, until: str, timeout: float = 60.0) -> tuple[str, int]:
+    """Run this tree's ``pcietax serve`` on a free loopback port with ``extra`` flags, scrape until
+    ``until`` appears in /metrics (or the process exits, or ``timeout``), then stop it with SIGTERM.
+    Its output goes to ``log``. Returns the last body scraped and the exit code."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([*pcietax_cmd(), "serve", f"--web.listen-address=127.0.0.1:{port}", *extra],
+                                env=pcietax_env(), stdout=logf, stderr=subprocess.STDOUT)
+        body = ""
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    body = scrape(url, timeout=5)
+                    if until in body:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return body, proc.returncode
