@@ -191,7 +191,7 @@ def topology() -> dashboard.Dashboard:
             desc="CPU time the probes cost the traced processes (the exporter's own tax).", w=8))
         .with_panel(ts(
             "Source read time", "s",
-            q(f"max by (node, source) (pcietax_scrape_duration_seconds{{{NODE}}})", "{{node}} {{source}}"),
+            q(f"max by (node, source) (pcietax_collect_duration_seconds{{{NODE}}})", "{{node}} {{source}}"),
             w=8))
     )
 

@@ -13,7 +13,7 @@ import pytest
 
 from pcietax.engine import Engine
 from pcietax.model import NIC, TaxModel
-from pcietax.sources.base import Snapshot, SourceUnavailable, labels_of
+from pcietax.sources.base import Snapshot, SourceAbsent, SourceUnavailable, labels_of
 
 ETH0 = (NIC[0], labels_of(nic="eth0", pci_bus_id="0000:3b:00.0"))
 
@@ -198,6 +198,33 @@ def test_start_failure_is_down_with_reason_and_retried_with_backoff():
         clock.t += 1
         f = eng.collect()
         assert src.start_calls == 4 and f.status["nvml"].up and f.status["nvml"].reason == ""
+    finally:
+        eng.close()
+
+
+def test_absent_hardware_is_down_and_absent_a_failure_is_not():
+    """A node without RDMA reports rdma absent (never paged); NVML whose init fails is down and
+    not absent (paged)."""
+    rdma = Scripted("rdma", [nic(1)], starts=[SourceAbsent("no RDMA devices")])
+    nvml = Scripted("nvml", [nic(1)], starts=[SourceUnavailable("NVML init failed: driver mismatch")])
+    eng = make(rdma, nvml)
+    try:
+        st = eng.collect().status
+        assert not st["rdma"].up and st["rdma"].absent and st["rdma"].reason == "no RDMA devices"
+        assert not st["nvml"].up and not st["nvml"].absent
+    finally:
+        eng.close()
+
+
+def test_hardware_that_was_up_and_vanishes_is_a_failure_not_an_absence():
+    clock = Clock()
+    src = Scripted("rdma", [nic(1), raises(SourceAbsent("no RDMA devices"))])
+    eng = Engine([src], TaxModel(), clock=clock)
+    try:
+        eng.start_sources()
+        assert eng.collect().status["rdma"].up
+        st = eng.collect().status["rdma"]
+        assert not st.up and not st.absent
     finally:
         eng.close()
 

@@ -4,7 +4,7 @@ NIC, virtual devices, /proc/interrupts, softirqs, stat) and its full /metrics ou
 the committed tests/golden/gpu_node.prom. Any change in any metric is a visible diff in review.
 
 Volatile parts are normalised before comparing: the ``python`` label of pcietax_build_info and the
-values of pcietax_scrape_duration_seconds.
+values of pcietax_collect_duration_seconds (and its deprecated alias).
 
 To regenerate the expected file after an intended change, run
 
@@ -38,7 +38,7 @@ def _samples(families) -> dict:
     out = {}
     for fam in families:
         for smp in fam.samples:
-            if smp.name == "pcietax_scrape_duration_seconds":
+            if smp.name in ("pcietax_collect_duration_seconds", "pcietax_scrape_duration_seconds"):
                 continue
             out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
     return out
@@ -46,7 +46,8 @@ def _samples(families) -> dict:
 
 def normalise(text: str) -> str:
     text = re.sub(r'(pcietax_build_info\{[^}]*python=")[^"]*"', r'\1<python>"', text)
-    return re.sub(r"^(pcietax_scrape_duration_seconds\{[^}]*\}) \S+$", r"\1 <duration>", text, flags=re.M)
+    durations = r"^(pcietax_(?:collect|scrape)_duration_seconds\{[^}]*\}) \S+$"
+    return re.sub(durations, r"\1 <duration>", text, flags=re.M)
 
 
 @pytest.mark.e2e

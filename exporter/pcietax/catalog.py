@@ -113,6 +113,10 @@ FAMILIES: dict[str, Family] = {
         # --- the exporter itself -------------------------------------------------------------
         _F("pcietax_source_up", "gauge", ("source",),
            "1 when the source works, 0 when it is down (the reason is logged).", "self"),
+        _F("pcietax_source_absent", "gauge", ("source",),
+           "1 when the source is down because its hardware or driver is not on this node (no NVIDIA "
+           "library, no RDMA device, no uncore PMU): expected, never alerted on. A failure is "
+           "source_up=0 with source_absent=0.", "self"),
         _F("pcietax_source_errors_total", "counter", ("source",),
            "Faults absorbed by the source (unreadable or garbage input; the series was skipped).", "self"),
         _F("pcietax_source_resets_total", "counter", ("source",),
@@ -121,8 +125,11 @@ FAMILIES: dict[str, Family] = {
            "Events traced by each of the exporter's probes.", "ebpf"),
         _F("pcietax_probe_overhead_seconds_total", "counter", ("probe",),
            "CPU time the exporter's probes cost the traced processes.", "ebpf"),
+        _F("pcietax_collect_duration_seconds", "gauge", ("source",),
+           "Seconds the source took in the last background collection cycle (not a scrape: scrapes "
+           "render the latest cycle).", "self"),
         _F("pcietax_scrape_duration_seconds", "gauge", ("source",),
-           "Seconds the source took in the last collection cycle.", "self"),
+           "DEPRECATED alias of pcietax_collect_duration_seconds (removed in 0.3.0).", "self"),
         _F("pcietax_build_info", "gauge", ("version", "python", "sources"),
            "Build information; value is 1.", "self"),
     )

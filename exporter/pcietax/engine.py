@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .counters import CounterAbsorber
 from .model import PATH_INFO, Inputs, SeriesKey, TaxModel, TaxState
-from .sources.base import Snapshot, Source, SourceUnavailable
+from .sources.base import Snapshot, Source, SourceAbsent, SourceUnavailable
 
 log = logging.getLogger("pcietax")
 
@@ -34,6 +34,7 @@ class SourceStatus:
     duration: float  # seconds the last read took
     errors: int  # faults absorbed so far
     resets: int  # wraps and resets absorbed so far
+    absent: bool = False  # down because the hardware is not on this node (never alerted on)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class _Slot:
     errors: int = 0
     absorber: CounterAbsorber = field(default_factory=CounterAbsorber)
     read_ok: bool = False
+    absent: bool = False  # the last start said SourceAbsent, and the source was never up
+    ever_up: bool = False
     source_resets: int = 0  # absorbed inside the source (Snapshot.resets)
 
 
@@ -203,6 +206,7 @@ class Engine:
             self._failed(slot, e)
             return
         slot.read_ok = True
+        slot.ever_up = True
         slot.reason = ""
         slot.last = snap
         slot.source_resets += snap.resets
@@ -212,6 +216,8 @@ class Engine:
 
     def _failed(self, slot: _Slot, e: BaseException | None) -> None:
         slot.read_ok = False
+        # A source that was up and now reads as absent has lost hardware it had: a failure.
+        slot.absent = False
         if isinstance(e, SourceUnavailable):
             slot.reason = str(e)  # down with its reason, not a fault
             self._log_once(slot.source.name, f"down: {e}")
@@ -236,6 +242,8 @@ class Engine:
             return
         slot.starting = None
         e = fut.exception()
+        # Hardware that was seen and is now gone is a failure, not an absence.
+        slot.absent = isinstance(e, SourceAbsent) and not slot.ever_up
         if e is None:
             slot.started, slot.reason, slot.backoff = True, "", 0.0
             log.info("source %s: up", name)
@@ -288,6 +296,7 @@ class Engine:
                 duration=slot.duration,
                 errors=slot.errors,
                 resets=slot.absorber.wraps + slot.absorber.resets + slot.source_resets,
+                absent=slot.absent and not up,
             )
         p2p = frozenset(
             dict(labels).get("gpu", "")

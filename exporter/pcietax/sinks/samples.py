@@ -36,8 +36,11 @@ def frame_rows(fr: Frame, source_names: Sequence[str]) -> Iterator[Row]:
     for st in fr.status.values():
         src = {"source": st.name}
         yield "pcietax_source_up", src, 1.0 if st.up else 0.0
+        yield "pcietax_source_absent", src, 1.0 if st.absent else 0.0
         yield "pcietax_source_errors_total", src, float(st.errors)
         yield "pcietax_source_resets_total", src, float(st.resets)
+        yield "pcietax_collect_duration_seconds", src, st.duration
+        # Deprecated alias (0.1.0 name; it never measured a scrape): removed in 0.3.0.
         yield "pcietax_scrape_duration_seconds", src, st.duration
     yield (
         "pcietax_build_info",

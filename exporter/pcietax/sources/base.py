@@ -68,7 +68,17 @@ class Snapshot:
 
 class SourceUnavailable(Exception):
     """Raised by ``start()`` (or ``read()``) when the source cannot work here; the message is the
-    reason shown to the operator (``no GPU``, ``not root``, ``bcc not installed`` …)."""
+    reason shown to the operator (``no GPU``, ``not root``, ``bcc not installed`` …).
+
+    Raised as such it is a *failure*: the hardware or software is there and does not work (NVML
+    init fails, a read errors, a PMU that was there is gone). Operators are paged for it."""
+
+
+class SourceAbsent(SourceUnavailable):
+    """The source's hardware or driver is not on this node at all (no NVIDIA library, no
+    ``/sys/class/infiniband``, a CPU without the uncore PMU): expected, exported as
+    ``pcietax_source_absent=1`` and never alerted on. Raise it only when nothing of the hardware
+    is present; anything present but broken is a plain ``SourceUnavailable``."""
 
 
 @runtime_checkable
