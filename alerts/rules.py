@@ -205,8 +205,10 @@ def alert_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
     spike = _ttft_spike(cfg)
     staging_high = _staging_high(cfg)
     engine = "{{ $labels.engine }}"
-    baseline = (f'{{{{ with printf "{ttft_baseline_name(cfg)}{{{n}=%q,engine=%q}}" $labels.{n} $labels.engine '
-                f'| query }}}}{{{{ . | first | value | printf "%.3f" }}}}{{{{ else }}}}n/a{{{{ end }}}}')
+    # the baseline of the same engine on the same node (a node may run two engines)
+    sel = f"{ttft_baseline_name(cfg)}{{{n}=%q,engine=%q}}"
+    baseline = (f'{{{{ with printf "{sel}" $labels.{n} $labels.engine | query }}}}'
+                f'{{{{ . | first | value | printf "%.3f" }}}}{{{{ else }}}}n/a{{{{ end }}}}')
     numbers = (
         f"p99 TTFT ({engine}) {{{{ $value | printf \"%.3f\" }}}}s vs a {cfg.ttft_baseline} baseline of "
         f"{baseline}s; staging CPU {_q(cfg, STAGING)} cores; PCIe tax ratio {_q(cfg, RATIO, agg='max')}"
