@@ -230,3 +230,16 @@ def test_grafana_sidecar_configmaps_carry_the_committed_dashboards():
         json.loads(text)
     kust = yaml.safe_load((repo / "deploy/kubernetes/kustomization.yaml").read_text())
     assert "grafana-dashboards.yaml" in kust["resources"]
+
+
+def test_compose_runs_a_grafana_these_dashboards_load_in():
+    """The compose stack's Grafana is an 11.x release (the docs name 10.4 LTS and 11), pinned to an
+    exact version, and docs/dashboards.md names the same image."""
+    import yaml
+
+    compose = yaml.safe_load((REPO / "deploy/compose/compose.yaml").read_text())
+    image = compose["services"]["grafana"]["image"]
+    m = re.fullmatch(r"grafana/grafana:(\d+)\.(\d+)\.(\d+)", image)
+    assert m, f"{image}: not pinned to an exact grafana/grafana release"
+    assert m.group(1) == "11", f"{image}: the dashboards target Grafana 10.4 LTS and 11"
+    assert f"`{image}`" in (REPO / "docs/dashboards.md").read_text()
