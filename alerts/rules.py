@@ -15,19 +15,19 @@ from typing import Any
 
 import yaml
 
+from .engines import BY_NAME, ENGINES, TGI_PREFILL_SELECTOR
+
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
 
 RUNBOOK = "https://github.com/pcietax/pcietax/blob/main/docs/runbook.md"
 
-# TTFT histograms of the inference servers we accept (seconds), and Triton's (milliseconds).
-TTFT_SECONDS_BUCKETS = (
-    "vllm:time_to_first_token_seconds_bucket",
-    "sglang:time_to_first_token_seconds_bucket",
-    "time_to_first_token_seconds_bucket",  # TensorRT-LLM serve
-    "trtllm_time_to_first_token_seconds_bucket",  # TensorRT-LLM serve, prefixed builds
-)
-TTFT_MILLISECONDS_BUCKETS = "nv_inference_first_response_histogram_ms_bucket"  # Triton
+# TTFT histograms of the inference servers (alerts/engines.py: names, units, buckets, upstream
+# sources). Each engine keeps its own normalised series, labelled `engine`: their bucket layouts
+# differ, so they are never merged into one histogram, and a node running two engines keeps both.
+SECONDS_ENGINES = tuple(e for e in ENGINES if e.unit == "seconds" and not e.proxy)
+MILLISECONDS_ENGINES = tuple(e for e in ENGINES if e.unit == "milliseconds")
+TGI = BY_NAME["tgi_proxy"]
 
 # eBPF staging kinds are exact (NIC hardirqs, NET_RX/NET_TX softirqs); the /proc/stat kinds cover
 # every IRQ and softirq of the node and are used only where eBPF is not running.
@@ -77,6 +77,7 @@ HOPS_MISSING = "node:pcietax_hops_missing:count"
 STAGING = "node:pcietax_staging_cpu_seconds:rate1m"
 TTFT_BUCKETS = "node_le:pcietax_ttft_seconds_bucket:rate1m"
 TTFT_MS_BUCKETS = "node_le:pcietax_ttft_milliseconds_bucket:rate1m"
+TTFT_TGI_BUCKETS = "node_le:pcietax_tgi_ttft_part_seconds_bucket:rate1m"
 TTFT_P50 = "node:pcietax_ttft_seconds:p50_rate1m"
 TTFT_P99 = "node:pcietax_ttft_seconds:p99_rate1m"
 
@@ -93,12 +94,26 @@ def _num(x: float) -> str:
 def recording_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
     n = cfg.node_label
 
+    def bucket_rate(family: str, engine: str, selector: str = "", part: str = "") -> str:
+        sel = f"{{{selector}}}" if selector else ""
+        labels = [("engine", engine)] + ([("part", part)] if part else [])
+        return ("label_replace(" * len(labels) + f"\n  sum by ({n}, le) (rate({family}_bucket{sel}[1m]))"
+                + "".join(f',\n  "{k}", "{v}", "", "")' for k, v in labels))
+
+    tgi_parts = (("validation", TGI.proxy[0], ""), ("queue", TGI.proxy[1], ""),
+                 ("prefill", TGI.proxy[2], TGI_PREFILL_SELECTOR))
+
     def quantile(q: str) -> str:
         # histogram_quantile gives NaN for a window without requests; ">= 0" drops those points so an
-        # idle minute does not poison the baseline average.
+        # idle minute does not poison the baseline average. TGI has no TTFT histogram: its proxy is
+        # the sum of the quantiles of validation, queue and prefill-batch time, and only where all
+        # three parts have data (docs/engines.md gives the error of that proxy).
+        tgi = f"histogram_quantile({q}, {TTFT_TGI_BUCKETS}) >= 0"
         return (
             f"(histogram_quantile({q}, {TTFT_BUCKETS}) >= 0)\n"
-            f"or\n(histogram_quantile({q}, {TTFT_MS_BUCKETS}) / 1000 >= 0)"
+            f"or\n(histogram_quantile({q}, {TTFT_MS_BUCKETS}) / 1000 >= 0)\n"
+            f"or\n(\n  sum by ({n}, engine) ({tgi})\n"
+            f"  and on ({n}, engine)\n  count by ({n}, engine) ({tgi}) == {len(tgi_parts)}\n)"
         )
 
     return [
@@ -116,13 +131,13 @@ def recording_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
         {"record": STAGING,
          "expr": (f'sum by ({n}) (rate({STAGING_CPU}{{kind=~"{STAGING_EBPF}"}}[1m]))\n'
                   f'or\nsum by ({n}) (rate({STAGING_CPU}{{kind=~"{STAGING_COARSE}"}}[1m]))')},
-        # One engine per node: the first family present wins. (A single name-regex selector would
-        # make rate() fail for every node as soon as one target exposed two of these families with
-        # the same labels; `or` cannot fail.)
+        # One series per engine and node (label `engine`); distinct labels, so `or` keeps them all.
         {"record": TTFT_BUCKETS,
-         "expr": "\nor\n".join(f"sum by ({n}, le) (rate({f}[1m]))" for f in TTFT_SECONDS_BUCKETS)},
+         "expr": "\nor\n".join(bucket_rate(e.family, e.name) for e in SECONDS_ENGINES)},
         {"record": TTFT_MS_BUCKETS,
-         "expr": f"sum by ({n}, le) (rate({TTFT_MILLISECONDS_BUCKETS}[1m]))"},
+         "expr": "\nor\n".join(bucket_rate(e.family, e.name) for e in MILLISECONDS_ENGINES)},
+        {"record": TTFT_TGI_BUCKETS,
+         "expr": "\nor\n".join(bucket_rate(f, TGI.name, sel, part=part) for part, f, sel in tgi_parts)},
         {"record": TTFT_P50, "expr": quantile("0.5")},
         {"record": TTFT_P99, "expr": quantile("0.99")},
         {"record": ttft_baseline_name(cfg),
@@ -189,16 +204,23 @@ def alert_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
 
     spike = _ttft_spike(cfg)
     staging_high = _staging_high(cfg)
+    engine = "{{ $labels.engine }}"
+    # the baseline of the same engine on the same node (a node may run two engines)
+    sel = f"{ttft_baseline_name(cfg)}{{{n}=%q,engine=%q}}"
+    baseline = (f'{{{{ with printf "{sel}" $labels.{n} $labels.engine | query }}}}'
+                f'{{{{ . | first | value | printf "%.3f" }}}}{{{{ else }}}}n/a{{{{ end }}}}')
     numbers = (
-        f"p99 TTFT {{{{ $value | printf \"%.3f\" }}}}s vs a {cfg.ttft_baseline} baseline of "
-        f"{_q(cfg, ttft_baseline_name(cfg), '%.3f')}s; staging CPU {_q(cfg, STAGING)} cores; "
-        f"PCIe tax ratio {_q(cfg, RATIO, agg='max')}"
+        f"p99 TTFT ({engine}) {{{{ $value | printf \"%.3f\" }}}}s vs a {cfg.ttft_baseline} baseline of "
+        f"{baseline}s; staging CPU {_q(cfg, STAGING)} cores; PCIe tax ratio {_q(cfg, RATIO, agg='max')}"
+        # TGI has no TTFT histogram: say so wherever its proxy is what spiked.
+        f'{{{{ if eq $labels.engine "{TGI.name}" }}}} (TGI proxy: validation + queue + prefill batch '
+        f"quantiles, docs/engines.md){{{{ end }}}}"
     )
     ttft_staging = alert(
         "PcieTaxTTFTStagingSpike",
         f"{spike}\nand on ({n})\n{staging_high}",
         cfg.for_ttft, "critical",
-        f"TTFT spike on {node} is host staging",
+        f"TTFT spike on {node} ({engine}) is host staging",
         f"{numbers}. Time to first token is more than {_num(cfg.ttft_spike_factor)}x its baseline while "
         f"the node's CPU is busy staging network data and the tax ratio is above {_num(cfg.ratio_high)}.",
     )
@@ -206,7 +228,7 @@ def alert_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
         "PcieTaxTTFTSpikeNotStaging",
         f"{spike}\nunless on ({n})\n{staging_high}",
         cfg.for_ttft, "info",
-        f"TTFT spike on {node} is not host staging",
+        f"TTFT spike on {node} ({engine}) is not host staging",
         f"{numbers}. Staging CPU and the tax ratio are not both high: look elsewhere (queueing, "
         f"prefill batch size, KV cache, the model server).",
     )

@@ -5,12 +5,14 @@ when a committed file differs from what the generator writes)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import yaml
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
+from .compat import for_grafana_10_4
 from .pcietax import DASHBOARDS
 
 OUT = Path(__file__).resolve().parent
@@ -50,8 +52,13 @@ def render_configmaps(dashboards: dict[str, str]) -> str:
 
 
 def render() -> dict[str, str]:
+    """Dashboard JSON by file name, in the classic schema Grafana 10.4 and 11 import (compat.py)."""
     enc = JSONEncoder(sort_keys=True, indent=2)
-    return {name: enc.encode(build().build()) + "\n" for name, build in DASHBOARDS.items()}
+    out = {}
+    for name, build in DASHBOARDS.items():
+        d = for_grafana_10_4(json.loads(enc.encode(build().build())))
+        out[name] = json.dumps(d, sort_keys=True, indent=2) + "\n"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

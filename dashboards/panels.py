@@ -30,7 +30,9 @@ from grafana_foundation_sdk.models.dashboard import (
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
-NODE = 'node=~"$node"'  # every raw selector is scoped to the node variable
+# Every selector is scoped to the cluster and node variables. A Prometheus that sees one cluster has
+# no `cluster` label at all: the variable is then empty and its All value ".*" matches the empty label.
+SCOPE = 'cluster=~"$cluster", node=~"$node"'
 
 RATIO_UNIT = "suffix:x"  # bytes moved per useful byte
 CORES_UNIT = "suffix: cores"  # CPU seconds per second
@@ -110,16 +112,36 @@ def bars(title: str, unit: str, *targets: prometheus.Dataquery, desc: str = "", 
 
 
 def base(title: str, uid: str, description: str) -> dashboard.Dashboard:
-    """A dashboard with the datasource and node variables every pcietax dashboard shares."""
+    """A dashboard with the datasource, cluster and node variables every pcietax dashboard shares.
+    `cluster` is the label a multi-cluster data source (Thanos, Mimir, federation) puts on every
+    series, usually from each Prometheus's external_labels."""
     return (
         dashboard.Dashboard(title).uid(uid).description(description).tags(["pcietax", "pcie", "gpu"])
         .refresh("30s").time("now-1h", "now").timezone("browser").editable()
         .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
         .with_variable(
+            dashboard.QueryVariable("cluster").label("Cluster").datasource(DS)
+            .query("label_values(pcietax_build_info, cluster)")
+            .definition("label_values(pcietax_build_info, cluster)")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True)
+            .all_value(".*").hide(VariableHide.DONT_HIDE)
+        )
+        .with_variable(
             dashboard.QueryVariable("node").label("Node").datasource(DS)
-            .query("label_values(pcietax_build_info, node)")
-            .definition("label_values(pcietax_build_info, node)")
+            .query('label_values(pcietax_build_info{cluster=~"$cluster"}, node)')
+            .definition('label_values(pcietax_build_info{cluster=~"$cluster"}, node)')
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True)
             .all_value(".*").hide(VariableHide.DONT_HIDE)
         )
     )
+
+
+def missing_hops_override(p: stat.Panel | timeseries.Panel, ref: str) -> stat.Panel | timeseries.Panel:
+    """Show the count of unmeasured hops beside a ratio: a plain number, green at 0, red above."""
+    return p.override_by_query(ref, [
+        DynamicConfigValue(id_val="unit", value="none"),
+        DynamicConfigValue(id_val="decimals", value=0),
+        DynamicConfigValue(id_val="thresholds", value={
+            "mode": "absolute", "steps": [{"value": None, "color": "green"}, {"value": 1, "color": "red"}]}),
+        DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
+    ])

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from alerts.rules import RuleConfig, alert_rules, render
+from alerts import rules as rules_mod
+from alerts.engines import BY_NAME, ENGINES
+from alerts.rules import RuleConfig, alert_rules, recording_rules, render
 
 from pcietax.catalog import FAMILIES
 
@@ -53,7 +55,7 @@ def test_generate_check_detects_a_stale_file(tmp_path):
 def test_promtool_check_rules_passes():
     r = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 18 rules found" in r.stdout
+    assert "SUCCESS: 19 rules found" in r.stdout
 
 
 @needs_promtool
@@ -152,3 +154,130 @@ def test_exporter_and_inference_servers_get_the_same_node_label():
     rels = [ep["relabelings"] for d in docs for ep in d["spec"]["endpoints"]]
     assert len(rels) == 2 and rels[0] == rels[1]
     assert rels[0][0]["targetLabel"] == "node"
+
+
+# --- TTFT on every engine ----------------------------------------------------------------------
+
+ENGINE_TEST = REPO / "alerts/tests/ttft_engines_test.yml"
+ENGINES_DIR = REPO / "deploy/engines"
+
+
+def _promtool_test(rules_text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "pcietax.rules.yml").write_text(rules_text)
+    shutil.copy(ENGINE_TEST, tmp_path / "tests")
+    return subprocess.run([PROMTOOL, "test", "rules", str(tmp_path / "tests" / ENGINE_TEST.name)],
+                          capture_output=True, text=True)
+
+
+@needs_promtool
+def test_promtool_ttft_tests_of_every_engine_pass():
+    r = subprocess.run([PROMTOOL, "test", "rules", str(ENGINE_TEST)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_promtool
+def test_ttft_tests_fail_when_tgi_decode_batches_leak_into_the_proxy(tmp_path, monkeypatch):
+    """Without the method="prefill" selector, TGI's ~8 s decode batches enter the proxy: the
+    engine tests must catch it (they can fail)."""
+    monkeypatch.setattr(rules_mod, "TGI_PREFILL_SELECTOR", 'method=~".+"')
+    r = _promtool_test(render(RuleConfig()), tmp_path)
+    assert r.returncode != 0
+    assert 'engine="tgi_proxy"' in r.stdout + r.stderr
+
+
+def _series_les(doc: dict) -> dict[str, set[str]]:
+    """family -> the `le` values its input series use in the promtool test file."""
+    out: dict[str, set[str]] = {}
+    for t in doc["tests"]:
+        for s in t["input_series"]:
+            m = re.fullmatch(r"([\w:]+)_bucket\{(.*)\}", s["series"])
+            if m:
+                le = re.search(r'le="([^"]+)"', m.group(2)).group(1)
+                out.setdefault(m.group(1), set()).add(le)
+    return out
+
+
+def test_engine_tests_use_each_engines_real_family_and_default_buckets():
+    les = _series_les(yaml.safe_load(ENGINE_TEST.read_text()))
+    for e in ENGINES:
+        for family in e.proxy or (e.family,):
+            assert family in les, f"{e.name}: no {family}_bucket series in {ENGINE_TEST.name}"
+            got = {float(v) for v in les[family]}
+            assert got == {*map(float, e.buckets), float("inf")}, f"{e.name}: {family} buckets differ"
+
+
+def test_every_engine_family_is_in_the_ttft_rules():
+    exprs = "\n".join(r["expr"] for r in recording_rules(RuleConfig()) if "ttft" in r["record"])
+    for e in ENGINES:
+        for family in e.proxy or (e.family,):
+            assert f"rate({family}_bucket" in exprs, f"{e.name}: {family} is not in the TTFT rules"
+    # the unprefixed name was never a TensorRT-LLM family (collector.py prefixes trtllm_)
+    assert not re.search(r"[( ]time_to_first_token_seconds_bucket", exprs)
+
+
+def test_dynamo_bucket_generator_matches_upstream_rounding():
+    # generate_log_buckets(0.001, 480, 18) in lib/llm/src/http/service/metrics.rs: 0, then 17 values
+    # log-spaced after 0.001 up to 480, two significant figures (worked out by hand: 0.001*480000^(i/17)).
+    assert BY_NAME["dynamo"].buckets == (0.0, 0.0022, 0.0047, 0.01, 0.022, 0.047, 0.1, 0.22, 0.47, 1.0,
+                                         2.2, 4.7, 10.0, 22.0, 48.0, 100.0, 220.0, 480.0)
+    tgi = BY_NAME["tgi_proxy"].buckets
+    assert len(tgi) == 35 and tgi[0] == pytest.approx(0.00015) and tgi[-1] == pytest.approx(1e-4 * 1.5**35)
+
+
+@needs_promtool
+def test_engine_scrape_config_is_valid(tmp_path):
+    cfg = yaml.safe_load((ENGINES_DIR / "prometheus.yml").read_text())
+    cfg["rule_files"] = [str(RULES)]
+    f = tmp_path / "prometheus.yml"
+    f.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([PROMTOOL, "check", "config", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_engine_scrape_jobs_use_each_engines_path_port_and_node_label():
+    jobs = {j["job_name"]: j for j in yaml.safe_load((ENGINES_DIR / "prometheus.yml").read_text())[
+        "scrape_configs"]}
+    node = jobs["pcietax"]["relabel_configs"]
+    for e in ENGINES:
+        job = jobs["tgi" if e.name == "tgi_proxy" else "dynamo-frontend" if e.name == "dynamo" else e.name]
+        assert job.get("metrics_path", "/metrics") == e.path, e.name
+        ports = {int(t.rsplit(":", 1)[1]) for sc in job["static_configs"] for t in sc["targets"]}
+        assert ports == {e.port}, e.name
+        assert job["relabel_configs"] == node, f"{e.name}: `node` is not set as for pcietax"
+    assert jobs["trtllm"]["metrics_path"] == "/prometheus/metrics"  # its /metrics is JSON
+
+
+def test_engine_podmonitors_scrape_each_engines_path_with_the_node_label():
+    kust = yaml.safe_load((ENGINES_DIR / "kubernetes/kustomization.yaml").read_text())
+    docs = {}
+    for f in kust["resources"]:
+        d = yaml.safe_load((ENGINES_DIR / "kubernetes" / f).read_text())
+        assert d["apiVersion"] == "monitoring.coreos.com/v1" and d["kind"] == "PodMonitor", f
+        docs[d["metadata"]["name"]] = d
+    for e in ENGINES:
+        d = docs["tgi" if e.name == "tgi_proxy" else "dynamo-frontend" if e.name == "dynamo" else e.name]
+        (ep,) = d["spec"]["podMetricsEndpoints"]
+        assert ep["path"] == e.path and ep["port"], e.name
+        assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node",
+                "action": "replace"} in ep["relabelings"], e.name
+    # opt-in: the default bundle does not scrape engines it cannot know about
+    assert "engines" not in (REPO / "deploy/kubernetes/kustomization.yaml").read_text()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_engine_podmonitors_build_with_kustomize():
+    r = subprocess.run(["kubectl", "kustomize", str(ENGINES_DIR / "kubernetes")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("kind: PodMonitor") == 7
+
+
+def test_engine_doc_names_every_engine_with_its_upstream_source():
+    doc = (REPO / "docs/engines.md").read_text()
+    for e in ENGINES:
+        for family in e.proxy or (e.family,):
+            assert f"`{family}`" in doc, f"docs/engines.md does not name {family}"
+        for repo, path in e.source:
+            assert f"{repo}" in doc and f"`{path}`" in doc, f"docs/engines.md does not cite {repo} {path}"
+        assert f"`{e.path}`" in doc

@@ -2,7 +2,11 @@
 into a real Prometheus that scraped `pcietax serve` on this machine's real /proc and /sys (and
 node_exporter, which the per-CPU IRQ panel reads), and require data from each query, except those
 listed in EXEMPT for hardware or sources this machine lacks. An exemption only applies while the
-metrics it names are really absent: on a machine that has them, the query must return data."""
+metrics it names are really absent: on a machine that has them, the query must return data.
+
+Every query must also parse in that Prometheus, and the `cluster` variable must really filter: with
+a cluster that does not exist, every query returns nothing. This Prometheus sees one cluster and no
+`cluster` label, so All (".*") is what a single-cluster install gets."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import re
 import subprocess
 
 import pytest
+from alerts.engines import ENGINES
 from alerts.rules import RuleConfig, render
 
 from conftest import REPO, free_port, pcietax_cmd, pcietax_env
@@ -37,8 +42,7 @@ pytestmark = [
 ]
 
 USEFUL = ("pcietax_useful_bytes_total",), "useful bytes need the eBPF source (socket payload) or an RDMA NIC"
-TTFT = (("vllm:time_to_first_token_seconds_bucket", "sglang:time_to_first_token_seconds_bucket",
-         "time_to_first_token_seconds_bucket", "nv_inference_first_response_histogram_ms_bucket"),
+TTFT = (tuple(f"{f}_bucket" for e in ENGINES for f in e.proxy or (e.family,)),
         "needs an inference server's (or the reference workload's) TTFT histogram")
 LINK = "needs PCIe link attributes in sysfs (virtio devices of a VM have none)"
 EBPF = "needs the eBPF source (root, BCC, kernel headers) and traffic of target processes"
@@ -72,19 +76,44 @@ EXEMPT: dict[tuple[str, str, str], tuple[tuple[str, ...], str]] = {
 }
 
 
-def _queries() -> list[tuple[str, str, str, str]]:
+def _values(d: dict, cluster: str) -> dict[str, str]:
+    values = {"cluster": cluster, "node": "localhost", "__rate_interval": "10s", "__range": "1m"}
+    for v in d["templating"]["list"]:
+        if v["type"] == "textbox":
+            values[v["name"]] = v["query"]
+    return values
+
+
+def _sub(expr: str, values: dict[str, str]) -> str:
+    return re.sub(r"\$(\w+)", lambda m: values[m.group(1)], expr)
+
+
+def _queries(cluster: str = ".*") -> list[tuple[str, str, str, str]]:
     """(uid, panel title, refId, expr with this test's variable values) for every panel query."""
     out = []
     for f in sorted((REPO / "dashboards").glob("*.json")):
         d = json.loads(f.read_text())
-        values = {"node": "localhost", "__rate_interval": "10s", "__range": "1m"}
-        for v in d["templating"]["list"]:
-            if v["type"] == "textbox":
-                values[v["name"]] = v["query"]
+        values = _values(d, cluster)
         for p in d["panels"]:
             for t in p.get("targets", []):
-                expr = re.sub(r"\$(\w+)", lambda m, v=values: v[m.group(1)], t["expr"])
-                out.append((d["uid"], p["title"], t["refId"], expr))
+                out.append((d["uid"], p["title"], t["refId"], _sub(t["expr"], values)))
+    return out
+
+
+def _other_queries(cluster: str = ".*") -> list[tuple[str, str, str]]:
+    """(uid, what, expr) of the annotation queries and of the selectors inside the variables'
+    label_values(): parsed and filtered like the panels, but with data only when alerts fire."""
+    out = []
+    for f in sorted((REPO / "dashboards").glob("*.json")):
+        d = json.loads(f.read_text())
+        values = _values(d, cluster)
+        for a in d.get("annotations", {}).get("list", []):
+            if a.get("expr"):
+                out.append((d["uid"], f"annotation {a['name']}", _sub(a["expr"], values)))
+        for v in d["templating"]["list"]:
+            m = re.fullmatch(r"label_values\((.+), (\w+)\)", v["query"]) if v["type"] == "query" else None
+            if m:
+                out.append((d["uid"], f"variable {v['name']}", _sub(m.group(1), values)))
     return out
 
 
@@ -123,6 +152,9 @@ def test_every_panel_query_has_data_on_this_machine(tmp_path):
                 for uid, title, ref, expr in queries:
                     err = prom.query_error(expr)
                     assert err is None, f"{uid} / {title} / {ref}: Prometheus rejects the query: {err}"
+                for uid, what, expr in _other_queries():
+                    err = prom.query_error(expr)
+                    assert err is None, f"{uid} / {what}: Prometheus rejects the query: {err}"
                 # What this machine exports is known once both targets have been scraped.
                 wait_until(lambda: len(prom.query("up == 1")) == len(jobs)
                            and prom.query("pcietax_build_info"), 60, "Prometheus to scrape every target")
@@ -147,6 +179,13 @@ def test_every_panel_query_has_data_on_this_machine(tmp_path):
                         wait_until(lambda: not missing(), 45, "every required panel query to return data")
                     except AssertionError:
                         pytest.fail("queries without data:\n" + "\n".join(missing()))
+                # The cluster variable filters every query: a cluster nobody has shows nothing.
+                node_var = next(e for _, w, e in _other_queries() if w == "variable node")
+                assert prom.query(node_var), f"the node variable finds no node: {node_var}"
+                leaks = [f"{u} / {t} / {r}" for u, t, r, e in _queries("no-such-cluster") if prom.query(e)]
+                leaks += [f"{u} / {w}" for u, w, e in _other_queries("no-such-cluster")
+                          if w != "variable cluster" and prom.query(e)]  # it lists the clusters
+                assert not leaks, "queries that ignore $cluster:\n" + "\n".join(leaks)
     finally:
         for p in (wl, exporter):
             if p is not None and p.poll() is None:
