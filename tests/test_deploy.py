@@ -36,8 +36,15 @@ DOCKERFILE = DEPLOY / "container" / "Dockerfile"
 CAPS = {"BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE", "DAC_READ_SEARCH"}
 
 
+class _ComposeLoader(yaml.SafeLoader):
+    """Compose's YAML: `!reset` (Compose >= 2.24) clears a value an earlier file set."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: {"!reset": True})
+
+
 def docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return [d for d in yaml.load_all(path.read_text(), Loader=_ComposeLoader) if d is not None]
 
 
 def k8s(kind: str) -> dict:
@@ -384,7 +391,22 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_installs_pcietax_with_bcc_and_its_cmd_parses():
     ins = dockerfile_instructions()
-    assert ins[0] == ("FROM", "debian:bookworm-slim")
+    args = {v.split("=", 1)[0]: v.split("=", 1)[1] for k, v in ins if k == "ARG" and "=" in v}
+    (frm,) = [v for k, v in ins if k == "FROM"]
+    # Pinned by digest: a dated bookworm-slim tag and its image-index digest, both in the labels.
+    assert frm == "debian:${BASE_TAG}@${BASE_DIGEST}"
+    assert re.fullmatch(r"bookworm-\d{8}-slim", args["BASE_TAG"]), args
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", args["BASE_DIGEST"]), args
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.[a-z.]+)="([^"]*)"',
+                             " ".join(v for k, v in ins if k == "LABEL")))
+    assert {"title", "description", "url", "source", "documentation", "licenses", "version", "revision",
+            "created", "base.name", "base.digest"} <= {k.removeprefix("org.opencontainers.image.")
+                                                       for k in labels}
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert labels["org.opencontainers.image.base.digest"] == "${BASE_DIGEST}"
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert args["VERSION"] == version
     run = " ".join(v for k, v in ins if k == "RUN")
     assert "python3-bpfcc" in run and "--system-site-packages" in run
     entry = json.loads(dict(ins)["ENTRYPOINT"])
@@ -425,6 +447,10 @@ def test_compose_exporter_matches_the_container_contract():
     ex = svc["pcietax"]
     args = serve_args(ex["command"])
     assert ex["pid"] == "host" and ex["network_mode"] == "host"
+    # NVML: the NVIDIA toolkit gives the exporter every GPU with the "utility" driver capability.
+    (dev,) = ex["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and dev["count"] == "all"
+    assert {"gpu", "utility"} <= set(dev["capabilities"])
     assert set(ex["cap_add"]) == CAPS and ex["cap_drop"] == ["ALL"]
     vols = {v.split(":")[1]: v for v in ex["volumes"]}
     assert vols[args.sysfs] == f"/sys:{args.sysfs}:ro" and vols[args.procfs] == f"/proc:{args.procfs}:ro"
@@ -441,6 +467,34 @@ def test_compose_exporter_matches_the_container_contract():
         host = mount.split(":")[0]
         if host.startswith("."):
             assert (COMPOSE / host).resolve().is_relative_to(REPO), mount
+
+
+def _merge(base: object, over: object) -> object:
+    """Compose's merge of a later file over an earlier one (mappings merge, `!reset` clears)."""
+    if isinstance(over, dict) and set(over) == {"!reset"}:
+        return None
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            merged = _merge(base.get(k), v)
+            if merged is None:
+                out.pop(k, None)
+            else:
+                out[k] = merged
+        return out
+    return over
+
+
+def test_compose_without_a_gpu_drops_only_the_gpu_request():
+    over = docs(COMPOSE / "compose.no-gpu.yaml")[0]
+    merged = _merge(compose(), over)
+    ex = merged["services"]["pcietax"]
+    assert "deploy" not in ex
+    # Everything else of the exporter is unchanged, and the other services too.
+    assert {k: v for k, v in compose()["services"]["pcietax"].items() if k != "deploy"} == ex
+    assert {k: v for k, v in merged["services"].items() if k != "pcietax"} == \
+        {k: v for k, v in compose()["services"].items() if k != "pcietax"}
+    assert "compose.no-gpu.yaml" in (COMPOSE / "compose.yaml").read_text()  # documented where run
 
 
 @pytest.mark.skipif(not shutil.which("promtool"), reason="needs promtool (Debian's prometheus)")
