@@ -50,6 +50,15 @@ def _parse(text: str) -> tuple[dict[Sample, float], set[str]]:
     return values, counters
 
 
+def _all_started(text: str, log: Path) -> bool:
+    """Every source has finished starting (the log says `up` or `down` for each): a source still
+    compiling (eBPF) reads as down without being absent, which is not what the node settles at."""
+    values, _ = _parse(text)
+    sources = {dict(labels)["source"] for (name, labels) in values if name == "pcietax_source_up"}
+    said = log.read_text(errors="replace")
+    return bool(sources) and all(f"source {s}: up" in said or f"source {s}: down" in said for s in sources)
+
+
 @pytest.fixture(scope="module")
 def exposition(tmp_path_factory) -> tuple[dict[Sample, float], dict[Sample, float], set[str], float]:
     """Two scrapes of the real `pcietax serve` of this machine, after its first complete collection."""
@@ -60,11 +69,11 @@ def exposition(tmp_path_factory) -> tuple[dict[Sample, float], dict[Sample, floa
         proc = subprocess.Popen([*pcietax_cmd(), "serve", f"--web.listen-address=127.0.0.1:{port}"],
                                 env=pcietax_env(), stdout=logf, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 120
             while True:
                 assert proc.poll() is None, log.read_text()
                 try:
-                    if _get(f"{base}/-/ready")[0] == 200:
+                    if _get(f"{base}/-/ready")[0] == 200 and _all_started(_get(f"{base}/metrics")[1], log):
                         break
                 except OSError:
                     pass
