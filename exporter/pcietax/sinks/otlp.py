@@ -258,9 +258,13 @@ class _OutageLog:
         self._lock = threading.Lock()
         self.failed = 0  # consecutive failed pushes
         self._since = 0.0
+        self.muted = False  # after close() returned: a push left behind ends silently
 
     def result(self, ok: bool, reason: str) -> None:
         with self._lock:
+            if self.muted:
+                log.debug("otlp: push after close: %s", "ok" if ok else reason)
+                return
             if ok:
                 if self.failed:
                     log.info("otlp: pushes to %s work again after %d failed (%.0fs)", self._url, self.failed,
@@ -413,7 +417,9 @@ class OtlpSink:
                 done.set()
 
         threading.Thread(target=run, name="pcietax-otlp-close", daemon=True).start()
-        if done.wait(max(timeout, 0.0)):
+        finished = done.wait(max(timeout, 0.0))
+        self.outage.muted = True
+        if finished:
             return True
         # The last push is stuck on the network: stop its retries and leave the daemon thread behind.
         with contextlib.suppress(Exception):  # already shutting down
