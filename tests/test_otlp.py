@@ -425,3 +425,92 @@ def test_bad_otlp_flags_fail_at_start():
     assert r.returncode == 2
     assert "--otlp.endpoint must be an http(s) URL" in r.stderr
 
+
+
+def _as_prometheus(req: ExportMetricsServiceRequest) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The series a Prometheus OTLP receiver stores for one push: translated names and labels,
+    `job`/`instance` from service.name/service.instance.id."""
+    out = {}
+    for rm in req.resource_metrics:
+        res = {a.key: a.value.string_value for a in rm.resource.attributes}
+        target = {"job": res["service.name"], "instance": res["service.instance.id"]}
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind, points = _points(m)
+                name = prometheus_name(m.name, m.unit, "counter" if kind == "sum" and m.sum.is_monotonic
+                                       else "gauge")
+                for p in points:
+                    labels = {prometheus_label(a.key): a.value.string_value for a in p.attributes} | target
+                    value = p.as_int if p.WhichOneof("value") == "as_int" else p.as_double
+                    out[(name, tuple(sorted(labels.items())))] = float(value)
+    return out
+
+
+@pytest.mark.skipif(not __import__("shutil").which("promtool"), reason="needs promtool")
+def test_shipped_rules_evaluate_on_what_prometheus_stores_from_otlp(receiver, tmp_path):
+    """Two pushes, translated the way Prometheus's OTLP receiver stores them and replayed 15 s apart
+    through alerts/pcietax.rules.yml: the recording rules join on the pushed `node`, and a failing
+    source fires PcieTaxSourceDown on that node."""
+    import json
+    import subprocess
+
+    import yaml
+
+    gpu = _GpuSource()
+    engine = Engine([gpu, _NicSource()], TaxModel(10.0))
+    engine.start_sources()
+    engine.collect()
+    engine.collect()
+    sink = OtlpSink(engine.frame, ["nvml", "netdev"], receiver.base, interval=3600, node="gpu-3")
+    try:
+        sink.flush()
+        engine.collect()  # 1 MiB more through host_to_gpu
+        sink.flush()
+    finally:
+        sink.close()
+        engine.close()
+    first, second = _as_prometheus(receiver.got[0]), _as_prometheus(receiver.got[1])
+    counters = {n for n, _ in second if n.endswith("_total")}
+    series = []
+    for (name, labels), v2 in second.items():
+        if name == "pcietax_source_up" and dict(labels)["source"] == "netdev":
+            v2 = 0.0  # the netdev source fails (it is not absent)
+        sel = name + "{" + ", ".join(f"{k}={json.dumps(v)}" for k, v in labels) + "}"
+        step = max(0.0, v2 - first.get((name, labels), v2)) if name in counters else 0.0
+        series.append({"series": sel, "values": f"{v2!r}+{step!r}x80"})
+    node = {"node": "gpu-3", "job": "pcietax", "instance": "gpu-3"}
+    moved = ('node_hop_direction:pcietax_moved_bytes:rate1m'
+             '{node="gpu-3",hop="host_to_gpu",direction="ingress"}')
+    test = {
+        "rule_files": [str(REPO / "alerts" / "pcietax.rules.yml")],
+        "evaluation_interval": "15s",
+        "group_eval_order": ["pcietax.rules", "pcietax.alerts"],
+        "tests": [{
+            "interval": "15s",
+            "input_series": series,
+            "promql_expr_test": [
+                # 1 MiB per 15 s push interval.
+                {"expr": f"abs({moved} - {2**20 / 15!r}) < bool 0.001", "eval_time": "5m",
+                 "exp_samples": [{"labels": '{direction="ingress", hop="host_to_gpu", node="gpu-3"}',
+                                  "value": 1}]},
+            ],
+            "alert_rule_test": [{
+                "alertname": "PcieTaxSourceDown", "eval_time": "11m",
+                "exp_alerts": [{
+                    "exp_labels": {**node, "severity": "warning", "source": "netdev"},
+                    "exp_annotations": {
+                        "summary": "pcietax source netdev down on gpu-3",
+                        "description": "The netdev source of pcietax on gpu-3 has been down for 10m; "
+                                       "the hops it measures are missing from the tax ratio and the "
+                                       "exporter logs the reason.",
+                        "runbook_url": "https://github.com/pcietax/pcietax/blob/main/docs/runbook.md"
+                                       "#pcietaxsourcedown",
+                    },
+                }],
+            }],
+        }],
+    }
+    path = tmp_path / "otlp_rules_test.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False, width=1000))
+    r = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
