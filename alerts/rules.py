@@ -52,13 +52,16 @@ class RuleConfig:
     for_link: str = "10m"
     for_gpudirect: str = "15m"
     for_source_down: str = "10m"
+    # A source that was up within this window and now says absent (the exporter restarted after the
+    # node lost the hardware) is a failure: it still pages, for this long.
+    source_lost_window: str = "1h"
     runbook: str = RUNBOOK
 
     def __post_init__(self) -> None:
         if not _LABEL.fullmatch(self.node_label) or self.node_label.startswith("__"):
             raise ValueError(f"node_label {self.node_label!r} is not a Prometheus label name")
         for name in ("ttft_baseline", "for_ratio", "for_ttft", "for_link", "for_gpudirect",
-                     "for_source_down"):
+                     "for_source_down", "source_lost_window"):
             value = getattr(self, name)
             if not _DURATION.fullmatch(value):
                 raise ValueError(f"{name} {value!r} is not a Prometheus duration (e.g. 30s, 10m, 1h)")
@@ -289,10 +292,17 @@ def alert_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
         f"Run pcietax topo on the node.",
     )
     # One rule for both cases (promtool rejects two rules with one name and one label set): a source
-    # that reports itself down, or the whole exporter target that Prometheus cannot scrape.
+    # that reports itself down, or the whole exporter target that Prometheus cannot scrape. A source
+    # whose hardware is not on the node (pcietax_source_absent 1: no GPU, no RDMA device, an AMD
+    # CPU) is down by design and pages no one, unless it was up within source_lost_window.
     source_down = alert(
         "PcieTaxSourceDown",
-        f'pcietax_source_up == 0\nor\nup{{job="{cfg.exporter_job}"}} == 0',
+        (
+            "pcietax_source_up == 0\nunless\n"
+            "(pcietax_source_absent == 1 unless "
+            f"max_over_time(pcietax_source_up[{cfg.source_lost_window}]) == 1)\n"
+            f'or\nup{{job="{cfg.exporter_job}"}} == 0'
+        ),
         cfg.for_source_down, "warning",
         f"pcietax {{{{ if $labels.source }}}}source {{{{ $labels.source }}}}{{{{ else }}}}exporter "
         f"{{{{ $labels.instance }}}}{{{{ end }}}} down on {node}",

@@ -31,3 +31,22 @@ def test_ebpf_overhead_size_parsing():
     finally:
         sys.path.pop(0)
     assert ebpf_overhead._bytes("64MiB") == 64 << 20
+
+
+def test_series_per_node_in_docs_is_what_the_fixture_node_scrapes():
+    """docs/deploy.md quotes the series count of the 8-GPU fixture node; it must be the count a
+    scrape gives today (rerun `python bench/series_per_node.py` and update the docs when it moves)."""
+    import re
+
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "series_per_node.py"), "--json"],
+                       capture_output=True, text=True, env=pcietax_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    got = json.loads(r.stdout)
+    assert got["gpus"] == 8
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    quoted = re.search(r"series_per_node\.py\s+# ([\d,]+) series scraped", doc)
+    assert quoted, "docs/deploy.md no longer quotes the scrape count"
+    assert int(quoted.group(1).replace(",", "")) == got["scraped"], got["scraped"]
+    assert f"**≤ {got['scraped'] + got['ebpf_ceiling']:,}**" in doc  # the per-node ceiling

@@ -1,5 +1,5 @@
-"""`pcietax serve` on this machine, which has no NVIDIA driver: the nvml source is down with its
-reason and everything else is still served."""
+"""`pcietax serve` on this machine, which has no NVIDIA driver and no NVIDIA GPU: the nvml source is
+down and absent with its reason, and everything else is still served."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ def _has_libnvml() -> bool:
 @pytest.mark.skipif(_has_libnvml(), reason="this host has libnvidia-ml.so: not the no-driver case")
 def test_serve_without_nvidia_driver_serves_everything_else(tmp_path):
     log = tmp_path / "serve.log"
-    body, rc = serve_until(log, "--collect.interval=200ms", until='pcietax_source_up{source="procfs"}')
+    # Absent shows only once the nvml start has finished (and failed): no race with its log line.
+    body, rc = serve_until(log, "--collect.interval=200ms", until='pcietax_source_absent{source="nvml"} 1.0')
     lines = set(body.splitlines())
     assert 'pcietax_source_up{source="nvml"} 0.0' in lines
+    assert 'pcietax_source_absent{source="nvml"} 1.0' in lines  # no GPU on this machine's PCI bus
     assert 'pcietax_source_up{source="procfs"} 1.0' in lines
     assert 'pcietax_hop_measured{hop="host_to_gpu"} 0.0' in lines
     assert any(x.startswith("pcietax_softirq_total{") for x in lines)  # another source's data

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes.util
 import threading
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +16,8 @@ from pcietax.engine import Engine
 from pcietax.model import TaxModel
 from pcietax.pcie_math import ceiling
 from pcietax.sources import nvml_binding as nv
-from pcietax.sources.base import Snapshot, SourceUnavailable
-from pcietax.sources.nvml import INFO, RX, TX, NvmlSource
+from pcietax.sources.base import Snapshot, SourceAbsent, SourceUnavailable
+from pcietax.sources.nvml import INFO, RX, TX, NvmlSource, nvidia_gpu_functions
 from pcietax.sources.pcie import CEILING, CORRECTABLE, REPLAY, SPEED, WIDTH
 
 MIB = 1 << 20
@@ -41,9 +42,9 @@ def fakes():
     made: list[FakeNvml] = []
     sources: list[NvmlSource] = []
 
-    def make(gpus, budget: float = 2.0, **kw) -> tuple[FakeNvml, NvmlSource]:
+    def make(gpus, budget: float = 2.0, sysfs: str = "/sys", **kw) -> tuple[FakeNvml, NvmlSource]:
         f = FakeNvml(gpus=gpus, **kw)
-        src = NvmlSource(f, gpu_budget=budget, start_budget=2.0, clock=f.clock)
+        src = NvmlSource(f, sysfs=sysfs, gpu_budget=budget, start_budget=2.0, clock=f.clock)
         made.append(f)
         sources.append(src)
         return f, src
@@ -95,35 +96,112 @@ def test_binding_constants_match_installed_pynvml():
 
 
 @no_driver_here
-def test_real_binding_without_driver_is_down_with_reason():
+def test_real_binding_without_driver_is_absent_with_reason():
+    # This machine: no libnvidia-ml.so.1 and no NVIDIA GPU on its PCI bus, the CPU-only node case.
+    assert nvidia_gpu_functions(Path("/sys/bus/pci/devices")) == []
     src = NvmlSource(nv.PynvmlBinding())
-    with pytest.raises(SourceUnavailable) as e:
+    with pytest.raises(SourceAbsent) as e:
         src.start()
     msg = str(e.value)
     assert msg.startswith("NVML unavailable")
-    assert "libnvidia-ml.so.1" in msg
+    assert "libnvidia-ml.so.1" in msg and "no NVIDIA GPU on the PCI bus" in msg
     src.close()  # closing a source that never started is harmless
 
 
 @no_driver_here
-def test_engine_reports_real_nvml_down_and_keeps_collecting():
+def test_engine_reports_real_nvml_absent_and_keeps_collecting():
     engine = Engine([NvmlSource(nv.PynvmlBinding())], TaxModel())
     engine.start_sources()
     frame = engine.collect()
     st = frame.status["nvml"]
-    assert not st.up and "libnvidia-ml.so.1" in st.reason
+    assert not st.up and st.absent and "libnvidia-ml.so.1" in st.reason
     assert frame.tax is not None and not frame.tax.measured["host_to_gpu"]
     engine.close()
 
 
-def test_fake_no_driver_and_no_gpus(fakes):
-    _, src = fakes([], no_driver=True)
-    with pytest.raises(SourceUnavailable, match="NVML Shared Library Not Found"):
-        src.start()
-    f, src = fakes([])
-    with pytest.raises(SourceUnavailable, match="0 devices"):
+def _node_with(fake_node, *, gpu: bool, other_nvidia: bool = False):
+    """A fixture PCI bus with a NIC, and optionally an NVIDIA GPU (3D controller 0x0302, as every
+    data-centre NVIDIA GPU reports) or NVIDIA functions that are not GPUs (an NVSwitch bridge
+    0x0680 and a GPU's HDMI audio function 0x0403)."""
+    fake_node.add_pci("0000:17:00.0", 0x020000)  # ConnectX NIC (vendor 0x15b3)
+    if gpu:
+        fake_node.add_pci("0000:1b:00.0", 0x030200, vendor=0x10DE, device=0x2330)
+    if other_nvidia:
+        fake_node.add_pci("0000:05:00.0", 0x068000, vendor=0x10DE, device=0x22A3, link=None)
+        fake_node.add_pci("0000:06:00.1", 0x040300, vendor=0x10DE, device=0x10F0, link=None)
+    return str(fake_node.sys)
+
+
+@pytest.mark.parametrize("case", ["no_library", "driver_not_loaded", "zero_devices"])
+def test_no_nvml_and_no_nvidia_gpu_on_the_bus_is_absent(fakes, fake_node, case):
+    sysfs = _node_with(fake_node, gpu=False, other_nvidia=True)
+    kw = {"no_library": {"no_driver": True}, "driver_not_loaded": {"init_error": nv.ERROR_DRIVER_NOT_LOADED},
+          "zero_devices": {}}[case]
+    f, src = fakes([], sysfs=sysfs, **kw)
+    with pytest.raises(SourceAbsent, match="no NVIDIA GPU on the PCI bus"):
         src.start()
     assert not f.initialized  # NVML shut down again when there is nothing to read
+
+
+@pytest.mark.parametrize("case", ["no_library", "driver_not_loaded", "zero_devices"])
+def test_no_nvml_but_an_nvidia_gpu_on_the_bus_is_a_failure(fakes, fake_node, case):
+    # The DaemonSet without runtimeClassName: nvidia: the GPU is there, libnvidia-ml.so.1 is not.
+    sysfs = _node_with(fake_node, gpu=True)
+    kw = {"no_library": {"no_driver": True}, "driver_not_loaded": {"init_error": nv.ERROR_DRIVER_NOT_LOADED},
+          "zero_devices": {}}[case]
+    _, src = fakes([], sysfs=sysfs, **kw)
+    with pytest.raises(SourceUnavailable) as e:
+        src.start()
+    assert not isinstance(e.value, SourceAbsent)
+    assert "the PCI bus has 1 NVIDIA GPU(s): 0000:1b:00.0" in str(e.value)
+
+
+@pytest.mark.parametrize("code", [18, nv.ERROR_NO_PERMISSION, nv.ERROR_UNKNOWN])
+def test_init_failure_of_an_installed_driver_is_a_failure_even_without_a_gpu(fakes, fake_node, code):
+    # 18 = NVML_ERROR_LIB_RM_VERSION_MISMATCH: a driver upgrade without a reboot. The NVIDIA stack
+    # is installed and broken, whatever the bus shows.
+    sysfs = _node_with(fake_node, gpu=False)
+    _, src = fakes([], sysfs=sysfs, init_error=code)
+    with pytest.raises(SourceUnavailable) as e:
+        src.start()
+    assert not isinstance(e.value, SourceAbsent)
+
+
+def test_unreadable_pci_bus_is_a_failure_not_an_absence(fakes, tmp_path):
+    sysfs = tmp_path / "sys"
+    (sysfs / "bus/pci").mkdir(parents=True)
+    (sysfs / "bus/pci/devices").write_text("not a directory")
+    _, src = fakes([], sysfs=str(sysfs), no_driver=True)
+    with pytest.raises(SourceUnavailable, match="cannot tell whether this node has NVIDIA GPUs") as e:
+        src.start()
+    assert not isinstance(e.value, SourceAbsent)
+
+
+def test_node_without_pci_bus_is_absent(fakes, tmp_path):
+    _, src = fakes([], sysfs=str(tmp_path / "sys"), no_driver=True)
+    with pytest.raises(SourceAbsent):
+        src.start()
+
+
+def test_gpu_scan_survives_hostile_sysfs(fake_node):
+    sysfs = _node_with(fake_node, gpu=True)
+    bad = fake_node.add_pci("0000:99:00.0", 0x030200, vendor=0x10DE, link=None)
+    (bad.path / "vendor").write_bytes(b"\xff\xfe" * 10)  # invalid UTF-8: not proven a GPU
+    huge = fake_node.add_pci("0000:9a:00.0", 0x030200, vendor=0x10DE, link=None)
+    (huge.path / "class").write_text("z" * (8 << 20))  # 8 MiB of garbage: 64 bytes read, malformed
+    assert nvidia_gpu_functions(Path(sysfs) / "bus/pci/devices") == ["0000:1b:00.0"]
+
+
+def test_engine_exports_nvml_absent_on_a_cpu_only_node(fakes, fake_node):
+    sysfs = _node_with(fake_node, gpu=False)
+    _, src = fakes([], sysfs=sysfs, no_driver=True)
+    engine = Engine([src], TaxModel(), retry_min=0.0, retry_max=0.0)
+    try:
+        engine.start_sources()
+        st = engine.collect().status["nvml"]
+        assert (st.up, st.absent) == (False, True)
+    finally:
+        engine.close()
 
 
 def test_init_that_hangs_does_not_block_start(fakes):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 import pytest
 
@@ -14,7 +15,7 @@ from pcietax.engine import Engine
 from pcietax.model import TaxModel
 from pcietax.perf import PerfOpenError, Reading
 from pcietax.pmu import PmuError, encode, parse_cpulist, parse_format, parse_terms, read_pmu
-from pcietax.sources.base import SourceUnavailable
+from pcietax.sources.base import SourceAbsent, SourceUnavailable
 from pcietax.sources.procfs import ProcfsSource
 from pcietax.sources.upi import IIO, UPI, UpiSource, scaled_delta
 
@@ -276,22 +277,57 @@ def test_pmu_that_disappears_and_returns(spr):
     assert values(src.read(), UPI)[upi_key(0, 0, "rx")] == pytest.approx(70_400)
 
 
-def test_amd_is_unsupported_cpu(tmp_path):
+def test_amd_is_absent(tmp_path):
     node = FakeUncore(tmp_path)
     node.set_cpuinfo("AuthenticAMD", family=25, model=17, name="AMD EPYC 9654")
     node.add_pmu("amd_df", {"event": "config:0-7,32-35,59-60", "umask": "config:8-15"}, cpumask="0,96")
     src = UpiSource(sysfs=str(node.sys), procfs=str(node.proc), opener=FakePerf(node))
-    with pytest.raises(SourceUnavailable, match=r"^unsupported_cpu: AuthenticAMD"):
+    with pytest.raises(SourceAbsent, match=r"^unsupported_cpu: AuthenticAMD"):
         src.start()
     (node.proc / "cpuinfo").unlink()  # no cpuinfo (a restricted container): the PMUs tell
-    with pytest.raises(SourceUnavailable, match=r"^unsupported_cpu: PMUs amd_df"):
+    with pytest.raises(SourceAbsent, match=r"^unsupported_cpu: PMUs amd_df"):
         src.start()
 
 
-def test_intel_without_uncore_pmus(tmp_path):
+def test_intel_without_uncore_pmus_is_absent(tmp_path):
     node = FakeUncore(tmp_path)  # what a VM shows: GenuineIntel, no uncore_* PMUs
-    with pytest.raises(SourceUnavailable, match=r"no uncore UPI or IIO PMUs under .*intel_uncore"):
+    with pytest.raises(SourceAbsent, match=r"no uncore UPI or IIO PMUs under .*intel_uncore"):
         UpiSource(sysfs=str(node.sys), procfs=str(node.proc), opener=FakePerf(node)).start()
+    # A kernel without perf events has no event_source/devices directory at all: absent too.
+    shutil.rmtree(node.sys / "bus/event_source")
+    with pytest.raises(SourceAbsent):
+        UpiSource(sysfs=str(node.sys), procfs=str(node.proc), opener=FakePerf(node)).start()
+
+
+def test_uncore_pmus_that_are_there_but_broken_are_a_failure(spr):
+    # Every UPI/IIO PMU present but undescribable (a format file the kernel changed): not absent.
+    for name in [n for n in spr.types if n.startswith(("uncore_upi_", "uncore_iio_free_running_"))]:
+        (spr.sys / "bus/event_source/devices" / name / "type").write_text("garbage\n")
+    with pytest.raises(SourceUnavailable, match=r"no uncore UPI or IIO PMUs.*bad PMU description") as e:
+        UpiSource(sysfs=str(spr.sys), procfs=str(spr.proc), opener=FakePerf(spr)).start()
+    assert not isinstance(e.value, SourceAbsent)
+
+
+def test_unreadable_pmu_directory_is_a_failure_not_an_absence(tmp_path):
+    node = FakeUncore(tmp_path)
+    devices = node.sys / "bus/event_source/devices"
+    shutil.rmtree(devices)
+    devices.write_text("not a directory")  # ENOTDIR: listing fails, which proves nothing absent
+    with pytest.raises(SourceUnavailable, match="cannot list uncore PMUs") as e:
+        UpiSource(sysfs=str(node.sys), procfs=str(node.proc), opener=FakePerf(node)).start()
+    assert not isinstance(e.value, SourceAbsent)
+
+
+def test_pmus_that_were_there_and_left_are_a_failure_at_restart(spr):
+    perf = FakePerf(spr)
+    src = UpiSource(sysfs=str(spr.sys), procfs=str(spr.proc), opener=perf)
+    src.start()
+    src.close()
+    for n in [n for n in spr.types if n.startswith("uncore_")]:
+        spr.remove_pmu(n)
+    with pytest.raises(SourceUnavailable, match="no uncore UPI or IIO PMUs") as e:
+        src.start()
+    assert not isinstance(e.value, SourceAbsent)
 
 
 def test_model_counts_each_crossing_once():
@@ -316,7 +352,7 @@ def _host_has_uncore() -> bool:
 
 
 @pytest.mark.skipif(_host_has_uncore(), reason="this host has uncore UPI/IIO PMUs (not a VM)")
-def test_real_host_without_uncore_is_down_with_reason_and_others_go_on():
+def test_real_host_without_uncore_is_absent_with_reason_and_others_go_on():
     """The real path on a VM (this project's CI): real /sys, real /proc, the real syscall opener."""
     engine = Engine([UpiSource(), ProcfsSource()], TaxModel(), retry_min=3600)
     try:
@@ -325,7 +361,7 @@ def test_real_host_without_uncore_is_down_with_reason_and_others_go_on():
     finally:
         engine.close()
     upi = frame.status["upi"]
-    assert not upi.up
+    assert not upi.up and upi.absent
     assert ("no uncore UPI or IIO PMUs" in upi.reason) or upi.reason.startswith("unsupported_cpu")
     assert frame.status["procfs"].up
     assert not any(fam in (UPI, IIO) for fam, _ in frame.counters)

@@ -150,11 +150,15 @@ def devices_dir(sysfs: str | os.PathLike[str]) -> Path:
 
 
 def list_pmus(sysfs: str | os.PathLike[str], prefix: str) -> list[str]:
-    """PMU names that start with ``prefix``, in box order (``_2`` before ``_10``)."""
+    """PMU names that start with ``prefix``, in box order (``_2`` before ``_10``). No
+    ``event_source/devices`` directory (a kernel without perf events) lists none; any other error
+    raises ``PmuError``: an unreadable directory does not prove the PMUs absent."""
     try:
         names = [n for n in os.listdir(devices_dir(sysfs)) if n.startswith(prefix)]
-    except OSError:
+    except FileNotFoundError:
         return []
+    except OSError as e:
+        raise PmuError(f"{devices_dir(sysfs)}: {e.strerror or e}") from None
 
     def key(n: str) -> tuple[str, int]:
         m = re.search(r"(\d+)$", n)

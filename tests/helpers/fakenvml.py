@@ -3,7 +3,8 @@ sequences: each GPU's values are lists indexed by the fake's current step, and t
 step (and the fake clock) forward with ``advance()``.
 
 Real NVML behaviour it reproduces:
-- ``nvmlInit`` fails with NVML_ERROR_LIBRARY_NOT_FOUND where no driver is installed.
+- ``nvmlInit`` fails with NVML_ERROR_LIBRARY_NOT_FOUND where no driver is installed, and with
+  NVML_ERROR_LIB_RM_VERSION_MISMATCH (18) when the library and the kernel module differ.
 - ``nvmlDeviceGetFieldValues`` returns one record per requested field, each with its own nvmlReturn
   (NOT_SUPPORTED for a field the GPU lacks) and value type (a 32-bit record wraps at 2**32).
 - A lost GPU answers every call with NVML_ERROR_GPU_IS_LOST, including lookups by UUID; when it comes
@@ -62,6 +63,7 @@ def _at(seq: Sequence[float], step: int) -> float:
 class FakeNvml:
     gpus: list[FakeGpu] = field(default_factory=list)
     no_driver: bool = False
+    init_error: int | None = None  # nvmlInit fails with this nvmlReturn_t (e.g. 18, version mismatch)
     init_hangs: bool = False
     driver: str = "570.124.06"
     step: int = 0
@@ -110,6 +112,8 @@ class FakeNvml:
     def init(self) -> None:
         if self.no_driver:
             raise nv.NvmlError(nv.ERROR_LIBRARY_NOT_FOUND, "NVML Shared Library Not Found")
+        if self.init_error is not None:
+            raise nv.NvmlError(self.init_error, f"NVML error {self.init_error}")
         if self.init_hangs:
             self.release.wait()
         self.initialized = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from typing import Any
 from ..pcie_config import read_max_payload_size
 from ..pcie_math import RATE_GTS, ceiling
 from . import nvml_binding as nv
-from .base import Snapshot, SourceUnavailable
+from .base import Snapshot, SourceAbsent, SourceUnavailable
 from .pciaddr import normalize
 from .pcie import CEILING, CORRECTABLE, DEFAULT_MPS, REPLAY, SPEED, WIDTH
 
@@ -56,6 +57,13 @@ _BYTE_FIELDS = {nv.FI_PCIE_RX_BYTES: RX, nv.FI_PCIE_TX_BYTES: TX}
 # A field id older than the driver comes back INVALID_ARGUMENT rather than NOT_SUPPORTED.
 _ABSENT = frozenset({nv.ERROR_NOT_SUPPORTED, nv.ERROR_INVALID_ARGUMENT})
 _GPM_METRICS = [nv.GPM_METRIC_PCIE_TX_PER_SEC, nv.GPM_METRIC_PCIE_RX_PER_SEC]
+# nvmlInit results that mean "no NVIDIA stack on this node" when the PCI bus agrees (it has no NVIDIA
+# GPU): the library (or its binding) is missing, or no kernel driver is loaded. Every other init
+# error (a driver/library version mismatch, no permission, ...) is a failure wherever it happens.
+ABSENT_INIT_CODES = frozenset({nv.ERROR_LIBRARY_NOT_FOUND, nv.ERROR_DRIVER_NOT_LOADED})
+NVIDIA_VENDOR = "0x10de"
+DISPLAY_CLASS = 0x03  # PCI base class 03: display controllers (VGA 0x0300, 3D 0x0302: every NVIDIA GPU)
+_MAX_SCANNED = 4096  # PCI functions looked at; a node has a few hundred
 
 
 @dataclass
@@ -147,6 +155,8 @@ class NvmlSource:
         try:
             self._nv.init()
         except nv.NvmlError as e:
+            if e.code in ABSENT_INIT_CODES:
+                self._raise_absent_or_failed(f"NVML unavailable: {e}")
             raise SourceUnavailable(f"NVML unavailable: {e}") from None
         with contextlib.suppress(nv.NvmlError):  # only for the log line and gpu_check's report
             self.driver_version = self._nv.driver_version()
@@ -157,7 +167,7 @@ class NvmlSource:
             raise SourceUnavailable(f"NVML cannot list GPUs: {e}") from None
         if count == 0:
             self._shutdown()
-            raise SourceUnavailable("no NVIDIA GPU (NVML sees 0 devices)")
+            self._raise_absent_or_failed("no NVIDIA GPU (NVML sees 0 devices)")
         gpus, faults = [], []
         for i in range(count):
             try:
@@ -173,6 +183,20 @@ class NvmlSource:
             "nvml: driver %s, %s", self.driver_version or "?",
             ", ".join(f"GPU {g.index} {g.pci_bus_id} {g.name}: {g.path}" for g in gpus),
         )
+
+    def _raise_absent_or_failed(self, reason: str) -> None:
+        """NVML has nothing to read: absent when the PCI bus has no NVIDIA GPU either (a CPU-only
+        node), a failure when it has GPUs that NVML cannot reach (no driver or library for hardware
+        that is there, e.g. a pod without ``runtimeClassName: nvidia``). docs/nvml.md."""
+        try:
+            gpus = nvidia_gpu_functions(self._pci_devices)
+        except OSError as e:
+            raise SourceUnavailable(f"{reason}; cannot tell whether this node has NVIDIA GPUs: "
+                                    f"{self._pci_devices}: {e.strerror or e}") from None
+        if gpus:
+            shown = ", ".join(gpus[:4]) + (f" and {len(gpus) - 4} more" if len(gpus) > 4 else "")
+            raise SourceUnavailable(f"{reason}, but the PCI bus has {len(gpus)} NVIDIA GPU(s): {shown}")
+        raise SourceAbsent(f"{reason}; no NVIDIA GPU on the PCI bus ({self._pci_devices})")
 
     def _enumerate(self, index: int) -> _Gpu:
         h = self._nv.handle_by_index(index)
@@ -450,3 +474,30 @@ def gpu_bytes(snap: Snapshot, index: int) -> tuple[float, float] | None:
         if s.family in (RX, TX) and dict(s.labels).get("gpu") == str(index):
             vals[s.family] = s.value
     return (vals[RX], vals[TX]) if len(vals) == 2 else None
+
+
+def nvidia_gpu_functions(pci_devices: Path) -> list[str]:
+    """PCI addresses of NVIDIA display-class functions (GPUs) under ``/sys/bus/pci/devices``. A
+    missing directory is a node without a PCI bus (no GPU); any other error is raised. Unreadable
+    or malformed ``vendor``/``class`` files of one function are skipped (that function is not
+    proven to be a GPU)."""
+    try:
+        names = sorted(os.listdir(pci_devices))[:_MAX_SCANNED]
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        try:
+            vendor = _head(pci_devices / name / "vendor").lower()
+            cls = int(_head(pci_devices / name / "class"), 16)
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if vendor == NVIDIA_VENDOR and cls >> 16 == DISPLAY_CLASS:
+            out.append(name)
+    return out
+
+
+def _head(path: Path, limit: int = 64) -> str:
+    """A short sysfs attribute, read boundedly (a hostile tree may put a huge file there)."""
+    with open(path, "rb") as f:
+        return f.read(limit).decode("ascii").strip()

@@ -34,7 +34,7 @@ from pathlib import Path
 from ..fsread import read_str, read_text
 from ..perf import Counter, EventAttr, Opener, PerfOpenError, Reading, SyscallOpener
 from ..pmu import Pmu, PmuError, devices_dir, list_pmus, read_pmu
-from .base import Snapshot, SourceUnavailable
+from .base import Snapshot, SourceAbsent, SourceUnavailable
 
 UPI = "pcietax_upi_bytes_total"
 IIO = "pcietax_iio_bytes_total"
@@ -112,11 +112,23 @@ class UpiSource:
         self._totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # bytes per series
         self._pending_faults: list[tuple[str, str]] = []
         self._provides: frozenset[str] = frozenset()
+        self._was_open = False  # PMUs that were here and left are a failure, never an absence
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Absent (``SourceAbsent``) on a CPU that has no such PMUs: not Intel, or Intel with no
+        ``uncore_upi_*``/``uncore_iio_free_running_*`` PMU at all (a VM, a client CPU). Uncore PMUs
+        that are there and cannot be described, opened or read are a failure."""
         self._check_vendor()
+        try:
+            present = [n for prefix in (UPI_PREFIX, IIO_FREE_PREFIX) for n in list_pmus(self._sysfs, prefix)]
+        except PmuError as e:
+            raise SourceUnavailable(f"cannot list uncore PMUs: {e}") from None
+        if not present and not self._was_open:
+            raise SourceAbsent(
+                f"no uncore UPI or IIO PMUs under {devices_dir(self._sysfs)} (a VM, a CPU without "
+                "UPI, or the intel_uncore driver not loaded)")
         if self._opener is None:
             try:
                 self._opener = SyscallOpener(procfs=str(self._procfs))
@@ -164,10 +176,13 @@ class UpiSource:
 
     def _check_vendor(self) -> None:
         vendor = cpu_vendor(self._procfs)
-        others = [p for prefix in _OTHER_VENDOR_PMUS for p in list_pmus(self._sysfs, prefix)]
+        try:
+            others = [p for prefix in _OTHER_VENDOR_PMUS for p in list_pmus(self._sysfs, prefix)]
+        except PmuError:
+            others = []  # start() reports the unreadable directory
         if (vendor is not None and vendor != "GenuineIntel") or (vendor is None and others):
             what = vendor or f"PMUs {', '.join(others[:3])}"
-            raise SourceUnavailable(
+            raise SourceAbsent(
                 f"unsupported_cpu: {what}: UPI and IIO counters are Intel uncore PMUs; this CPU's "
                 "socket-interconnect counters are not mapped")
 
@@ -238,7 +253,10 @@ class UpiSource:
     # -- counters ----------------------------------------------------------------------------
 
     def _open(self) -> None:
-        plans, faults = self.plan()
+        try:
+            plans, faults = self.plan()
+        except PmuError as e:
+            raise SourceUnavailable(f"cannot list uncore PMUs: {e}") from None
         if not plans:
             detail = f"; {faults[0][0]}: {faults[0][1]}" if faults else ""
             raise SourceUnavailable(
@@ -257,6 +275,7 @@ class UpiSource:
             first = errors[0]
             raise SourceUnavailable(f"cannot open uncore counters: {_reason(first)}")
         self._live = live
+        self._was_open = True
         self._pending_faults = faults
         self._provides = frozenset(lv.plan.family for lv in live)
 
