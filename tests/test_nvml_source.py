@@ -55,8 +55,20 @@ def fakes():
         s.close()
 
 
+# The `gpu` label is the GPU's PCI address (catalog.GPU_ID); these tests name GPUs by their place
+# in the fakes' lists, so translate the addresses the fakes use back to that place.
+_PLACE = {**{f"0000:{b.lower()}:00.0": str(i) for i, b in enumerate(("18", "2A", "3A", "5D", "9A", "AB",
+                                                                      "BA", "DB"))},
+          "0000:3b:00.0": "0", "0000:5e:00.0": "1"}
+
+
+def _place(gpu: str) -> str:
+    return _PLACE.get(gpu, gpu)
+
+
 def by(snap: Snapshot, family: str, key: str = "gpu") -> dict[str, float]:
-    return {dict(s.labels)[key]: s.value for s in [*snap.counters, *snap.gauges] if s.family == family}
+    return {(_place(dict(s.labels)[key]) if key == "gpu" else dict(s.labels)[key]): s.value
+            for s in [*snap.counters, *snap.gauges] if s.family == family}
 
 
 def faults(snap: Snapshot) -> list[str]:
@@ -159,12 +171,12 @@ def test_eight_gpus_bytes_links_health_and_identity(fakes):
     assert sorted(rx) == [str(i) for i in range(8)]
     assert {k: rx[k] - rx0[k] for k in rx} == {str(i): 4096.0 * (i + 1) for i in range(8)}
     assert {k: tx[k] - tx0[k] for k in tx} == {str(i): 512.0 * (i + 1) for i in range(8)}
-    # identity labels: NVML index, sysfs-form bus id, UUID
-    labels = {dict(s.labels)["gpu"]: dict(s.labels) for s in snap.counters if s.family == RX}
+    # identity labels: gpu and pci_bus_id are the sysfs-form bus id, and the UUID
+    labels = {_place(dict(s.labels)["gpu"]): dict(s.labels) for s in snap.counters if s.family == RX}
     assert labels["3"]["pci_bus_id"] == "0000:5d:00.0"
     assert labels["3"]["uuid"] == gpus[3].uuid
-    info = {dict(s.labels)["gpu"]: dict(s.labels) for s in snap.gauges if s.family == INFO}
-    assert info["6"] == {"gpu": "6", "pci_bus_id": "0000:ba:00.0", "uuid": gpus[6].uuid,
+    info = {_place(dict(s.labels)["gpu"]): dict(s.labels) for s in snap.gauges if s.family == INFO}
+    assert info["6"] == {"gpu": "0000:ba:00.0", "pci_bus_id": "0000:ba:00.0", "uuid": gpus[6].uuid,
                          "name": "NVIDIA H100 80GB HBM3", "numa_node": "1", "counter_path": "field"}
     # links: Gen5 = 32 GT/s per lane, x16, for both states, as the sysfs pcie source spells them
     speed = {
@@ -222,7 +234,7 @@ def _engine(src: NvmlSource, f: FakeNvml) -> Engine:
 
 def _exported(frame, family: str, gpu: str) -> float:
     return next(
-        v for (fam, labels), v in frame.counters.items() if fam == family and dict(labels)["gpu"] == gpu
+        v for (fam, labels), v in frame.counters.items() if fam == family and _place(dict(labels)["gpu"]) == gpu
     )
 
 
@@ -266,7 +278,7 @@ def test_unsupported_health_fields_and_numa_are_absent_not_faults(fakes):
     assert faults(snap) == []
     assert by(snap, REPLAY, "pci_bus_id") == {"0000:5e:00.0": 0}
     assert by(snap, CORRECTABLE, "pci_bus_id") == {"0000:5e:00.0": 0}
-    assert {dict(s.labels)["gpu"]: dict(s.labels)["numa_node"] for s in snap.gauges if s.family == INFO} == {
+    assert {_place(dict(s.labels)["gpu"]): dict(s.labels)["numa_node"] for s in snap.gauges if s.family == INFO} == {
         "0": "", "1": "0"}
 
 
@@ -434,9 +446,9 @@ def test_every_family_the_source_emits_renders_through_the_prometheus_sink(fakes
     text = generate_latest(reg).decode()
     lines = set(text.splitlines())
     uuid0 = gpus[0].uuid
-    assert (f'pcietax_gpu_pcie_receive_bytes_total{{gpu="0",pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} '
+    assert (f'pcietax_gpu_pcie_receive_bytes_total{{gpu="0000:18:00.0",pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} '
             "123456.0") in lines
-    assert (f'pcietax_gpu_info{{counter_path="field",gpu="0",name="NVIDIA H100 80GB HBM3",numa_node="0",'
+    assert (f'pcietax_gpu_info{{counter_path="field",gpu="0000:18:00.0",name="NVIDIA H100 80GB HBM3",numa_node="0",'
             f'pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} 1.0') in lines
     assert 'pcietax_pcie_link_width{device_kind="gpu",pci_bus_id="0000:db:00.0",state="max"} 16.0' in lines
     assert 'pcietax_hop_measured{hop="host_to_gpu"} 1.0' in lines

@@ -16,7 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from .counters import CounterAbsorber
-from .model import PATH_INFO, Inputs, SeriesKey, TaxModel, TaxState
+from .model import Inputs, SeriesKey, TaxModel, TaxState
 from .sources.base import Snapshot, Source, SourceAbsent, SourceUnavailable
 
 log = logging.getLogger("pcietax")
@@ -298,10 +298,6 @@ class Engine:
                 resets=slot.absorber.wraps + slot.absorber.resets + slot.source_resets,
                 absent=slot.absent and not up,
             )
-        p2p = frozenset(
-            dict(labels).get("gpu", "")
-            for (fam, labels) in gauges
-            if fam == PATH_INFO and dict(labels).get("gpudirect") == "ready"
-        )
-        tax = self._model.update(Inputs(now, counters, frozenset(provides), p2p))
+        # Which GPUs can do peer-to-peer is the model's to decide, from the topology gauges.
+        tax = self._model.update(Inputs(now, counters, frozenset(provides), gauges=gauges))
         return Frame(now, counters, gauges, status, tax)
