@@ -234,7 +234,8 @@ def _engine(src: NvmlSource, f: FakeNvml) -> Engine:
 
 def _exported(frame, family: str, gpu: str) -> float:
     return next(
-        v for (fam, labels), v in frame.counters.items() if fam == family and _place(dict(labels)["gpu"]) == gpu
+        v for (fam, labels), v in frame.counters.items()
+        if fam == family and _place(dict(labels)["gpu"]) == gpu
     )
 
 
@@ -261,8 +262,9 @@ def test_64bit_counter_drop_is_a_reset_not_a_wrap(fakes):
     for _ in range(4):
         seen.append(_exported(engine.collect(), RX, "0"))
         f.advance()
-    # after the reset everything the counter shows is new: 300 bytes, then 1000 more
-    assert [b - a for a, b in pairwise(seen)] == [10_000, 300, 1000]
+    # the first low read is held until the next confirms the reset (a half-written value would
+    # come back); then everything the counter shows is new: 300 bytes, then 1000 more
+    assert [b - a for a, b in pairwise(seen)] == [10_000, 0, 1300]
     engine.close()
 
 
@@ -278,7 +280,8 @@ def test_unsupported_health_fields_and_numa_are_absent_not_faults(fakes):
     assert faults(snap) == []
     assert by(snap, REPLAY, "pci_bus_id") == {"0000:5e:00.0": 0}
     assert by(snap, CORRECTABLE, "pci_bus_id") == {"0000:5e:00.0": 0}
-    assert {_place(dict(s.labels)["gpu"]): dict(s.labels)["numa_node"] for s in snap.gauges if s.family == INFO} == {
+    assert {_place(dict(s.labels)["gpu"]): dict(s.labels)["numa_node"]
+            for s in snap.gauges if s.family == INFO} == {
         "0": "", "1": "0"}
 
 
@@ -358,7 +361,8 @@ def test_lost_gpu_holds_its_counters_others_flow_and_its_reset_is_absorbed(fakes
         assert fr.status["nvml"].up
         f.advance()
     assert [s["0"] for s in series] == [0, 1000, 2000, 3000, 4000, 5000]
-    assert [s["3"] for s in series] == [0, 1000, 1000, 1000, 1100, 1600]
+    # back at 100 (held until the next read confirms the driver's reset), then 600: 1000 + 600
+    assert [s["3"] for s in series] == [0, 1000, 1000, 1000, 1000, 1600]
     assert all(s1[k] >= s0[k] for s0, s1 in pairwise(series) for k in s0)
     assert "handle_by_uuid" in f.calls
     assert engine.frame().status["nvml"].errors == 2  # one "GPU lost" fault per read while it was gone
@@ -446,10 +450,10 @@ def test_every_family_the_source_emits_renders_through_the_prometheus_sink(fakes
     text = generate_latest(reg).decode()
     lines = set(text.splitlines())
     uuid0 = gpus[0].uuid
-    assert (f'pcietax_gpu_pcie_receive_bytes_total{{gpu="0000:18:00.0",pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} '
-            "123456.0") in lines
-    assert (f'pcietax_gpu_info{{counter_path="field",gpu="0000:18:00.0",name="NVIDIA H100 80GB HBM3",numa_node="0",'
-            f'pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} 1.0') in lines
+    assert ('pcietax_gpu_pcie_receive_bytes_total{gpu="0000:18:00.0",pci_bus_id="0000:18:00.0",'
+            f'uuid="{uuid0}"}} 123456.0') in lines
+    assert ('pcietax_gpu_info{counter_path="field",gpu="0000:18:00.0",name="NVIDIA H100 80GB HBM3",'
+            f'numa_node="0",pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} 1.0') in lines
     assert 'pcietax_pcie_link_width{device_kind="gpu",pci_bus_id="0000:db:00.0",state="max"} 16.0' in lines
     assert 'pcietax_hop_measured{hop="host_to_gpu"} 1.0' in lines
     assert 'pcietax_moved_bytes_total{direction="ingress",hop="host_to_gpu"} 123456.0' in lines

@@ -123,7 +123,8 @@ def _add(d: dict, key, delta: float) -> None:
 
 
 class TaxModel:
-    def __init__(self, window: float = 10.0, min_useful: float = 1 << 20, forget_after: float = 600.0) -> None:
+    def __init__(self, window: float = 10.0, min_useful: float = 1 << 20,
+                 forget_after: float = 600.0) -> None:
         if window <= 0:
             raise ValueError("ratio window must be positive")
         if min_useful < 0:
@@ -143,7 +144,8 @@ class TaxModel:
     def update(self, inp: Inputs) -> TaxState:
         d = self._deltas(inp)
         measured = measured_hops(inp.provides)
-        hop_delta = _hop_deltas(d, measured, CUDA in inp.provides, inp.p2p_gpus | p2p_capable_gpus(inp.gauges))
+        capable = inp.p2p_gpus | p2p_capable_gpus(inp.gauges)
+        hop_delta = _hop_deltas(d, measured, CUDA in inp.provides, capable)
         useful_delta = {x: d.useful(x) for x in DIRECTIONS}
         for x in DIRECTIONS:
             self._useful[x] += useful_delta[x]

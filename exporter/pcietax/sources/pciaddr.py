@@ -50,3 +50,15 @@ def pci_of_class_link(class_link: str | os.PathLike[str]) -> str:
         if PCI_ADDR.match(part):
             return part
     return ""
+
+
+def pci_of_class_entry(entry: str | os.PathLike[str]) -> str:
+    """The PCI function of a ``/sys/class/<class>/<name>`` entry in any of the layouts found in
+    the wild: the kernel's own (the entry is a link into ``devices/``), or a directory holding a
+    ``device`` link (sysfs copies, some container views, the prometheus/procfs fixtures). Both the
+    netdev source and the topology walk use this one helper; "" for a virtual device."""
+    pci = pci_of_class_link(entry)
+    if pci:
+        return pci
+    return pci_of_device_link(os.path.join(entry, "device")) if os.path.lexists(
+        os.path.join(entry, "device")) else ""
