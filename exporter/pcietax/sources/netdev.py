@@ -68,8 +68,15 @@ class NetdevSource:
         path = self._procfs / "net/dev"
         if not os.access(path, os.R_OK):
             raise SourceUnavailable(f"cannot read {path}")
-        if not self._nics and not any(self._physical().values()):
+        if not self._nics and not any(self._physical().values()) and not self._rdma_nics():
             raise SourceAbsent(f"no physical NIC under {self._sysfs / 'class/net'} (only virtual netdevs)")
+
+    def _rdma_nics(self) -> bool:
+        base = os.path.join(self._sysfs, "class/infiniband")
+        try:
+            return any(pci_of_class_entry(os.path.join(base, d)) for d in os.listdir(base))
+        except OSError:
+            return False
 
     def close(self) -> None:
         pass
