@@ -311,7 +311,8 @@ def test_copies_labelled_with_their_gpu_are_that_gpus_own():
 def test_p2p_capable_gpus_come_from_ready_path_verdicts():
     """The model, not the engine, reads the topology gauges: a GPU is P2P-capable when any of its
     NIC pairs is ready; a blocked-only GPU is not."""
-    g = {(PATH_INFO, labels_of(gpu="0000:1b:00.0", nic="a", path="PIX", gpudirect="ready", reason="none")): 1.0,
+    g = {(PATH_INFO, labels_of(gpu="0000:1b:00.0", nic="a", path="PIX", gpudirect="ready",
+                               reason="none")): 1.0,
          (PATH_INFO, labels_of(gpu="0000:1b:00.0", nic="b", path="SYS", gpudirect="blocked",
                                reason="path_sys")): 1.0,
          (PATH_INFO, labels_of(gpu="0000:9b:00.0", nic="a", path="PHB", gpudirect="blocked",

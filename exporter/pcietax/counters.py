@@ -44,7 +44,8 @@ class CounterAbsorber:
         self.forget_after = forget_after
         self._cycle = 0
 
-    def update(self, key: Hashable, raw: float, bits: int | None = None, confirm: bool = True) -> float:
+    def update(self, key: Hashable, raw: float, bits: int | None = None,
+               confirm: bool = True) -> float:
         """Feed one raw reading; return the monotonic value (first reading is taken as-is).
 
         A drop is absorbed at once, without waiting for a confirming read, when ``confirm`` is
