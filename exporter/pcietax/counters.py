@@ -73,8 +73,8 @@ class CounterAbsorber:
         if confirm and not st.dropped:
             st.dropped = True  # hold the last value until the next read says which it was
             return st.last_raw + st.offset
-        # Still below on the second read (or nothing to confirm against): a real reset. The counter restarted at zero, so
-        # everything it now shows is new.
+        # Still below on the second read (or nothing to confirm against): a real reset. The
+        # counter restarted at zero, so everything it now shows is new.
         st.dropped = False
         st.offset += st.last_raw
         st.last_raw = raw
