@@ -64,7 +64,7 @@ def gpu_node(root: Path, *, ncpu: int = 64, irq_lines: int = 1000, scale: int = 
         root_port = n.add_pci(f"{socket_bus[:5]}{int(socket_bus[5:], 16) + sw % 4 + 1:02x}:01.0", 0x060400,
                               n.root_bus(socket_bus), vendor=0x8086, device=0x352A)
         bus = switch_bus(sw)
-        def port(kind: int) -> bytes | None:
+        def port(kind: int, sw: int = sw) -> bytes | None:
             return config_space(0x1000, 0xC030, 0x060400, port_type=kind, acs_ctrl=0) if sw == 0 else None
 
         upstream = n.add_pci(f"0000:{bus:02x}:00.0", 0x060400, root_port, vendor=0x1000, device=0xC030,
