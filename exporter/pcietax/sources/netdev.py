@@ -232,26 +232,28 @@ class _NicTotals:
         return out[0], out[1]
 
 
-def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> tuple[dict[str, list[_Port]], set[str]]:
+def _rdma_by_pci(sysfs: str | os.PathLike[str], snap: Snapshot) -> tuple[dict[str, list[_Port]], set[str]]:
     """PCI function -> its RDMA ports, and the PCI functions with a port whose counters could not
     be read. A port without data counters (SR-IOV VF) or whose counters read ``N/A (no PMA)`` is
     simply not a part of its NIC: quietly absent, and the NIC's netdev bytes still count."""
     out: dict[str, list[_Port]] = {}
     broken: set[str] = set()
-    base = sysfs / "class/infiniband"
+    base = os.path.join(sysfs, "class/infiniband")
     try:
         devices = sorted(os.listdir(base))
     except OSError:
         return out, broken
     for dev in devices:
-        pci = pci_of_class_entry(base / dev)
+        # Plain string paths: pathlib's joins were most of a read with eight HCAs.
+        entry = os.path.join(base, dev)
+        pci = pci_of_class_entry(entry)
         if not pci:
             continue
-        for port, counters in _ports(base / dev, snap):
-            ll = read_optional_str(base / dev / "ports" / port / "link_layer") or "InfiniBand"
+        for port, counters in _ports(entry, snap):
+            ll = read_optional_str(f"{entry}/ports/{port}/link_layer") or "InfiniBand"
             try:
-                rx = port_bytes(counters / "port_rcv_data")
-                tx = port_bytes(counters / "port_xmit_data")
+                rx = port_bytes(counters + "/port_rcv_data")
+                tx = port_bytes(counters + "/port_xmit_data")
             except FileNotFoundError:
                 continue  # a port without data counters (SR-IOV VF), as the rdma source treats it
             except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -264,7 +266,7 @@ def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> tuple[dict[str, list[_Port]], s
     return out, broken
 
 
-def port_bytes(path: Path) -> int | None:
+def port_bytes(path: str | os.PathLike[str]) -> int | None:
     """An RDMA port data counter in bytes (the file counts 4-byte words); None where the device
     has no PMA to count with. Raises OSError/ValueError for anything else unreadable."""
     text = read_str(path)
@@ -276,10 +278,12 @@ def port_bytes(path: Path) -> int | None:
         raise ValueError(f"not a counter: {text[:40]!r} in {path}") from None
 
 
-def _ports(dev: Path, snap: Snapshot) -> list[tuple[str, Path]]:
+def _ports(dev: str | os.PathLike[str], snap: Snapshot) -> list[tuple[str, str]]:
+    """(port, its counters directory) of an RDMA device, ports in numeric order."""
+    ports_dir = os.path.join(dev, "ports")
     try:
-        ports = sorted(os.listdir(dev / "ports"), key=lambda p: (len(p), p))
+        ports = sorted(os.listdir(ports_dir), key=lambda p: (len(p), p))
     except OSError as e:
         snap.fault("cannot list RDMA ports", e)
         return []
-    return [(p, dev / "ports" / p / "counters") for p in ports]
+    return [(p, f"{ports_dir}/{p}/counters") for p in ports]

@@ -57,8 +57,13 @@ def pci_of_class_entry(entry: str | os.PathLike[str]) -> str:
     the wild: the kernel's own (the entry is a link into ``devices/``), or a directory holding a
     ``device`` link (sysfs copies, some container views, the prometheus/procfs fixtures). Both the
     netdev source and the topology walk use this one helper; "" for a virtual device."""
-    pci = pci_of_class_link(entry)
-    if pci:
-        return pci
-    return pci_of_device_link(os.path.join(entry, "device")) if os.path.lexists(
-        os.path.join(entry, "device")) else ""
+    try:
+        target = os.readlink(entry)
+    except OSError:
+        # Not a link (a directory): the layout with a device link inside, if any.
+        device = os.path.join(entry, "device")
+        return pci_of_device_link(device) if os.path.lexists(device) else ""
+    for part in reversed(target.split("/")):
+        if PCI_ADDR.match(part):
+            return part
+    return ""

@@ -54,7 +54,7 @@ class IrqLines:
     sample (held when its line is bad), the faults of this parse, and the IRQ names."""
 
     header: str = ""
-    samples: dict[str, Sample] = field(default_factory=dict)
+    samples: dict[str, tuple[str, Sample]] = field(default_factory=dict)  # line -> (irq, sample)
     labels: dict[tuple[str, str], Labels] = field(default_factory=dict)
     by_irq: dict[str, Sample] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
@@ -108,19 +108,19 @@ def parse_interrupts(text: str, snap: Snapshot, where: str, last: IrqLines | Non
     held = last.by_irq if last is not None else {}
     out = IrqLines(header, {}, labels, {}, [])
     faults = out.faults
+    samples, by_irq = out.samples, out.by_irq
     for n, line in enumerate(lines[1:], start=2):
-        sample = cache.get(line)
-        if sample is None:
+        hit = cache.get(line)
+        if hit is None:
             sample = _interrupt_line(line, ncpu, faults, where, n, labels)
+            irq = line.partition(":")[0].strip()
             if sample is None:
-                irq = line.partition(":")[0].strip()
-                if irq in held and irq not in out.by_irq:
-                    out.by_irq[irq] = held[irq]  # a bad line holds its last count
+                if irq in held and irq not in by_irq:
+                    by_irq[irq] = held[irq]  # a bad line holds its last count
                 continue
-            out.samples[line] = sample
-        else:
-            out.samples[line] = sample
-        out.by_irq[dict(sample.labels)["irq"]] = sample
+            hit = (irq, sample)
+        samples[line] = hit
+        by_irq[hit[0]] = hit[1]
     snap.counters.extend(out.by_irq.values())
     snap.faults.extend(faults)
     return out

@@ -48,7 +48,7 @@ class RdmaSource:
         for dev in devices:
             for port, counters in _ports(self._base / dev, snap):
                 for fam, fname in ((RX, "port_rcv_data"), (TX, "port_xmit_data")):
-                    path = counters / fname
+                    path = f"{counters}/{fname}"
                     try:
                         value = port_bytes(path)
                     except FileNotFoundError:
