@@ -201,7 +201,8 @@ class NvmlCounters:
 
     def __init__(self, source: NvmlSource, gpu: int, period: float = 0.05) -> None:
         self._src = source
-        self._gpu = str(gpu)
+        self._index = gpu  # NVML index; the `gpu` label is the PCI address (catalog.GPU_ID)
+        self._gpu = ""
         self._period = period
         self._lock = threading.Lock()
         self._abs = CounterAbsorber()
@@ -212,10 +213,10 @@ class NvmlCounters:
     def read(self) -> tuple[float, float] | None:
         with self._lock:
             snap = self._src.read()
-            for s in snap.gauges:
-                lv = dict(s.labels)
-                if s.family == INFO and lv["gpu"] == self._gpu:
-                    self.info, self.path = lv, lv["counter_path"]
+            infos = [dict(s.labels) for s in snap.gauges if s.family == INFO]  # in NVML index order
+            if self._index < len(infos):
+                lv = infos[self._index]
+                self.info, self.path, self._gpu = lv, lv["counter_path"], lv["gpu"]
             vals = {}
             for s in snap.counters:
                 if s.family in (RX, TX) and dict(s.labels).get("gpu") == self._gpu:

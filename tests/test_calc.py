@@ -1,5 +1,5 @@
 """`pcietax calc`: every generation, width, payload size, header size and ECRC setting against
-values computed here from the PCIe specification's numbers (not from pcie_math), the seed's Gen5
+values computed here from the PCIe specification's numbers (not from pcie_math), the commonly quoted Gen5
 x16 table and where its rounding differs, --json, and every bad value."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pcietax.cli import main
 # PCIe base specification: per-lane signalling rate (GT/s) and line encoding per generation.
 SPEC_RATE = {1: 2.5, 2: 5.0, 3: 8.0, 4: 16.0, 5: 32.0, 6: 64.0}
 SPEC_ENCODING = {1: 8 / 10, 2: 8 / 10, 3: 128 / 130, 4: 128 / 130, 5: 128 / 130, 6: 242 / 256}
-# The seed's Gen5 x16 table (GB/s) and the flow-control share its last row implies.
-SEED = (64.0, 63.0, 58.1, 55.8)
+# The commonly quoted Gen5 x16 table (GB/s) and the flow-control share its last row implies.
+QUOTED = (64.0, 63.0, 58.1, 55.8)
 FLOW_CONTROL = 55.8 / 58.1
 
 
@@ -58,7 +58,7 @@ def test_every_combination_matches_the_spec(capsys):
         got = calc_json(capsys, *args, *(["--ecrc"] if ecrc else []))
         want = expected(gen, width, mps, header, ecrc)
         for k, v in want.items():
-            # The CLI's default flow-control factor is the seed's ratio rounded to 4 places.
+            # The CLI's default flow-control factor is the quoted table's ratio rounded to 4 places.
             assert math.isclose(got[k], v, rel_tol=1e-4), (gen, width, mps, header, ecrc, k, got[k], v)
         assert got["tlp_overhead_bytes"] == per_tlp_overhead(gen, header, ecrc)
         assert (got["gen"], got["width"], got["mps"], got["header_bytes"], got["ecrc"]) == (
@@ -89,23 +89,23 @@ def test_monotonic_in_every_knob(capsys):
     assert usable(*base, "--flow-control", "1") > usable(*base)
 
 
-def test_seed_gen5_x16_table_and_where_its_rounding_differs(capsys):
+def test_quoted_gen5_x16_table_and_where_its_rounding_differs(capsys):
     got = calc_json(capsys, "--gen", "5", "--width", "16")
     want = expected(5, 16, 256, 12, False)
-    # First principles: 64.00 -> 63.02 -> 58.03 -> 55.73; the seed rounds raw/encoded to the
+    # First principles: 64.00 -> 63.02 -> 58.03 -> 55.73; the quoted table rounds raw/encoded to the
     # same first decimal, but its TLP row (58.1) and so its last row (55.8) are 0.07 GB/s high.
-    assert round(want["raw_gbps"], 1) == SEED[0]
-    assert round(want["encoded_gbps"], 1) == SEED[1]
-    assert round(want["tlp_gbps"], 1) != SEED[2] and round(want["usable_gbps"], 1) != SEED[3]
-    layers = [d.split(":")[0] for d in got["seed_differences"]]
+    assert round(want["raw_gbps"], 1) == QUOTED[0]
+    assert round(want["encoded_gbps"], 1) == QUOTED[1]
+    assert round(want["tlp_gbps"], 1) != QUOTED[2] and round(want["usable_gbps"], 1) != QUOTED[3]
+    layers = [d.split(":")[0] for d in got["quoted_table_differences"]]
     assert layers == ["tlp", "usable"]
-    assert f"{want['tlp_gbps']:.2f}" in got["seed_differences"][0]
-    assert f"{want['usable_gbps']:.2f}" in got["seed_differences"][1]
-    # Only Gen5 x16 is compared with the seed.
-    assert calc_json(capsys, "--gen", "5", "--width", "8")["seed_differences"] == []
+    assert f"{want['tlp_gbps']:.2f}" in got["quoted_table_differences"][0]
+    assert f"{want['usable_gbps']:.2f}" in got["quoted_table_differences"][1]
+    # Only Gen5 x16 is compared with the quoted table.
+    assert calc_json(capsys, "--gen", "5", "--width", "8")["quoted_table_differences"] == []
 
 
-def test_table_output_shows_each_layer_and_the_seed_notes(capsys):
+def test_table_output_shows_each_layer_and_the_quoted_table_notes(capsys):
     assert main(["calc", "--gen", "5", "--width", "16"]) == 0
     out = capsys.readouterr().out
     want = expected(5, 16, 256, 12, False)
@@ -114,10 +114,12 @@ def test_table_output_shows_each_layer_and_the_seed_notes(capsys):
                        ("after TLP overhead", "tlp_gbps"), ("usable (DLLP/FC)", "usable_gbps")]:
         assert f"{want[key]:.2f}" in lines[layer], (layer, out)
     assert "128b/130b" in out and "256/(256+4 framing+2 seq+12 hdr+4 LCRC+0 ECRC)" in out
-    assert "seed 58.1 GB/s" in out and "seed 55.8 GB/s" in out
+    assert "quoted 58.1 GB/s" in out and "quoted 55.8 GB/s" in out
+    assert "the commonly quoted table (64.0 \u2192 63.0 \u2192 58.1 \u2192 55.8 GB/s)" in out
+    assert "seed" not in out
     assert main(["calc", "--gen", "1", "--width", "1", "--ecrc", "--header", "16"]) == 0
     out = capsys.readouterr().out
-    assert "8b/10b" in out and "ECRC" in out and "seed" not in out
+    assert "8b/10b" in out and "ECRC" in out and "quoted" not in out
 
 
 @pytest.mark.parametrize(("args", "words"), [

@@ -25,19 +25,33 @@ def test_32_bit_wrap_adds_the_true_increase():
     assert (a.wraps, a.resets) == (1, 0)
 
 
-def test_drop_without_bits_is_a_reset():
+def test_drop_without_bits_is_a_reset_once_the_next_read_confirms_it():
     a = CounterAbsorber()
     a.update("k", 2**32 - 10)
-    # A 64-bit counter cannot wrap here: the driver reloaded and counts from zero again.
-    assert a.update("k", 5) == 2**32 - 10 + 5
-    assert (a.wraps, a.resets) == (0, 1)
+    # A 64-bit counter cannot wrap here: the driver reloaded and counts from zero again. The first
+    # low read is held (it might be a half-written file); the second, still low, confirms it.
+    assert a.update("k", 5) == 2**32 - 10
+    assert a.update("k", 8) == 2**32 - 10 + 8
+    assert (a.wraps, a.resets, a.glitches) == (0, 1, 0)
 
 
 def test_drop_from_low_in_range_is_a_reset_even_with_bits():
     a = CounterAbsorber()
     a.update("k", 1000, bits=32)
-    assert a.update("k", 10, bits=32) == 1010
+    assert a.update("k", 10, bits=32) == 1000
+    assert a.update("k", 12, bits=32) == 1012
     assert (a.wraps, a.resets) == (0, 1)
+
+
+def test_one_low_read_then_back_is_a_glitch_not_a_reset():
+    """A half-written counter file reads 21 for one cycle and is back the next: taking it as a
+    reset would add the counter's whole history (here 10**13) when the file is repaired."""
+    a = CounterAbsorber()
+    a.update("k", 10**13)
+    assert a.update("k", 21) == 10**13  # held
+    assert a.update("k", 10**13 + 500) == 10**13 + 500  # back: nothing absorbed
+    assert (a.resets, a.glitches) == (0, 1)
+    assert a.update("k", 10**13 + 600) == 10**13 + 600
 
 
 def test_small_width_wrap_and_repeated_wraps():
@@ -54,10 +68,22 @@ def test_series_are_independent_and_forgettable():
     a.update("a", 10)
     a.update("b", 20)
     a.update("a", 1)
+    a.update("a", 1)
     assert a.value("a") == 11 and a.value("b") == 20 and len(a) == 2
     a.forget("a")
     assert a.value("a") is None
     assert a.update("a", 3) == 3  # a forgotten series starts over
+
+
+def test_unseen_series_are_forgotten_after_a_while():
+    """12,000 churning cycles (a new VF every cycle) keep the state bounded; a steady series stays."""
+    a = CounterAbsorber(forget_after=100)
+    for cycle in range(12_000):
+        a.update("steady", cycle)
+        a.update(("vf", cycle), 1.0)
+        a.end_cycle()
+    assert len(a) <= 1 + 100 + 25 + 1
+    assert a.value("steady") == 11_999
 
 
 def test_never_backwards_over_a_noisy_sequence():
@@ -65,5 +91,7 @@ def test_never_backwards_over_a_noisy_sequence():
     raw = [5, 9, 2, 2, 7, 0, 0, 3, 1, 100, 50]
     out = [a.update("k", r) for r in raw]
     assert all(x <= y for x, y in itertools.pairwise(out))
-    # Every reset counts from zero: the total is the sum of increases plus post-reset values.
-    assert out[-1] == 5 + 4 + 2 + 5 + 0 + 3 + 1 + 99 + 50
+    # 5, 9; 2 held; 2 confirms a reset (offset 9); 7; 0 held; 0 confirms (offset 16); 3; 1 held;
+    # 100 is back above 3: a glitch; 50 held.
+    assert out == [5, 9, 9, 11, 16, 16, 16, 19, 19, 116, 116]
+    assert (a.resets, a.glitches) == (2, 1)

@@ -313,6 +313,20 @@ def test_vanished_series_returning_after_a_reset_adds_only_its_increase():
         eng.close()
 
 
+def test_one_low_read_is_a_glitch_and_a_confirmed_drop_a_reset():
+    """Issue 13 item 7: a half-written file reads low once; the engine holds the counter and, when
+    the next read is back, absorbs nothing (no jump by the counter's whole history). A drop that
+    the next read confirms is a reset, absorbed with everything counted since."""
+    src = Scripted("rdma", [nic(10**13), nic(21), nic(10**13 + 500), nic(40), nic(60)])
+    eng = make(src)
+    try:
+        got = [eng.collect().counters[ETH0] for _ in range(5)]
+        assert got == [10**13, 10**13, 10**13 + 500, 10**13 + 500, 10**13 + 500 + 60]
+        assert eng.frame().status["rdma"].resets == 1
+    finally:
+        eng.close()
+
+
 def test_scrape_duration_is_the_read_time():
     def slow() -> Snapshot:
         time.sleep(0.05)
@@ -342,11 +356,13 @@ def test_resets_absorbed_inside_a_source_are_counted():
         s.resets = 2
         return s
 
-    eng = make(Scripted("netdev", [nic(10), with_resets]))
+    eng = make(Scripted("netdev", [nic(10), with_resets, nic(6)]))
     try:
         eng.collect()
         f = eng.collect()
-        assert f.status["netdev"].resets == 2 + 1  # two inside the source, one by the engine (10 -> 5)
+        assert f.status["netdev"].resets == 2  # two inside the source; 10 -> 5 waits for confirmation
+        f = eng.collect()
+        assert f.status["netdev"].resets == 2 + 1  # still below 10: the engine absorbs a reset
     finally:
         eng.close()
 

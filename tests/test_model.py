@@ -11,6 +11,7 @@ import pytest
 from pcietax.model import (
     CUDA,
     GPU,
+    IPOIB,
     MEMCPY,
     NIC,
     PATH_INFO,
@@ -19,6 +20,7 @@ from pcietax.model import (
     Inputs,
     TaxModel,
     measured_hops,
+    p2p_capable_gpus,
 )
 from pcietax.sources.base import labels_of
 
@@ -225,3 +227,141 @@ def test_ratio_needs_a_minimum_of_useful_bytes():
 def test_negative_minimum_useful_is_refused():
     with pytest.raises(ValueError, match="minimum useful bytes"):
         TaxModel(min_useful=-1)
+
+
+# -- node shapes beyond the canonical scenarios (issue 11) ---------------------------------------
+
+IB_NIC_RX = (NIC[0], labels_of(nic="ibp19s0", pci_bus_id="0000:13:00.0"))
+IPOIB_RX = (IPOIB[0], labels_of(nic="ibp19s0", pci_bus_id="0000:13:00.0"))
+IB_PORT_RX = (RDMA[0], labels_of(device="mlx5_0", port="1"))
+
+
+def test_tcp_over_ipoib_is_not_useful_twice():
+    """Pageable TCP over IPoIB on an InfiniBand HCA, U payload bytes per second.
+
+    The HCA's port counters carry the IPoIB traffic (port = U), the netdev source counts the NIC
+    once as its port bytes (nic = U) and reports the IPoIB netdev's own bytes (ipoib = U).
+    useful = socket U + verbs (port U - ipoib U = 0) = U
+    moved  = nic_dma U + kernel_copy U + user_copy U + host_to_gpu U = 4 U
+    ratio  = 4 U / U = 4.0 (counting the port bytes as useful too read 4 U / 2 U = 2.0)."""
+    provides = frozenset({*NIC, *IPOIB, *RDMA, SOCKET, CUDA})
+    per_step = {IB_NIC_RX: U, IPOIB_RX: U, IB_PORT_RX: U, SOCK_IN: U, CUDA_PAGEABLE: U}
+    state, _ = _run(TaxModel(), provides, per_step, steps=12)
+    assert state.ratio["ingress"] == pytest.approx(4.0)
+    assert state.useful["ingress"] == pytest.approx(11 * U)
+
+
+def test_verbs_beside_ipoib_on_one_hca_counts_the_verbs_payload_once():
+    """One HCA carries U of TCP over IPoIB into pinned memory and 2U of verbs RDMA into pinned
+    memory, both copied to the GPU.
+
+    port = U (IPoIB) + 2U (verbs) = 3U; ipoib = U; nic = 3U; socket = U; cuda pinned = 3U
+    useful = U + (3U - U) = 3U
+    moved  = nic_dma 3U + kernel_copy U + host_to_gpu 3U = 7U
+    ratio  = 7/3 (TCP path 3 per byte, verbs path 2 per byte: (3*1 + 2*2)/3)."""
+    provides = frozenset({*NIC, *IPOIB, *RDMA, SOCKET, CUDA})
+    per_step = {IB_NIC_RX: 3 * U, IPOIB_RX: U, IB_PORT_RX: 3 * U, SOCK_IN: U, CUDA_PINNED: 3 * U}
+    state, _ = _run(TaxModel(), provides, per_step, steps=12)
+    assert state.ratio["ingress"] == pytest.approx(7 / 3)
+
+
+def test_mixed_node_gpudirect_gpu_keeps_its_p2p_bytes():
+    """GPU A has a ready pair and receives U by GPUDirect RDMA; GPU B has none and receives U by
+    RDMA into pinned host memory then cudaMemcpy (the probes see U of H2D copies, no GPU label).
+    The NIC (RoCE, netdev + port) moves 2U, the RDMA ports count 2U of payload.
+
+    NVML: A = U, B = U. B cannot do P2P, so its U are host copies: the U of copies are B's, and A
+    keeps p2p = U - 0 = U (subtracting every GPU's copies read p2p = 0, nic_dma = 2U).
+    useful = 2U
+    moved  = nic_dma (2U - U) + host_to_gpu U + nic_gpu_p2p U = 3U
+    ratio  = 3U / 2U = 1.5 (the GPUDirect byte crosses once, the staged byte twice)."""
+    gpu_a, gpu_b = "0000:1b:00.0", "0000:9b:00.0"
+    a_rx = (GPU[0], labels_of(gpu=gpu_a, pci_bus_id=gpu_a, uuid="GPU-a"))
+    b_rx = (GPU[0], labels_of(gpu=gpu_b, pci_bus_id=gpu_b, uuid="GPU-b"))
+    ready = (PATH_INFO, labels_of(gpu=gpu_a, nic="ens5f0", path="PIX", gpudirect="ready", reason="none"))
+    blocked = (PATH_INFO, labels_of(gpu=gpu_b, nic="ens5f0", path="SYS", gpudirect="blocked",
+                                    reason="path_sys"))
+    provides = frozenset({*NIC, *RDMA, CUDA, *GPU, PATH_INFO})
+    per_step = {NIC_RX: 2 * U, RDMA_RX: 2 * U, a_rx: U, b_rx: U, CUDA_PINNED: U}
+    model = TaxModel()
+    values = dict.fromkeys(per_step, 0.0)
+    for t in range(12):
+        state = model.update(Inputs(t, dict(values), provides, gauges={ready: 1.0, blocked: 1.0}))
+        values = {k: v + per_step[k] for k, v in values.items()}
+    assert state.moved[("nic_gpu_p2p", "ingress")] == pytest.approx(11 * U)
+    assert state.moved[("nic_dma", "ingress")] == pytest.approx(11 * U)
+    assert state.moved[("host_to_gpu", "ingress")] == pytest.approx(11 * U)
+    assert state.ratio["ingress"] == pytest.approx(1.5)
+
+
+def test_copies_labelled_with_their_gpu_are_that_gpus_own():
+    """When a CUDA copy series names its GPU, the copies come off that GPU only: A (ready) takes
+    U of P2P plus U/2 of copies; B (blocked) takes U of copies. p2p = (1.5U - 0.5U) = U."""
+    gpu_a, gpu_b = "0000:1b:00.0", "0000:9b:00.0"
+    a_rx = (GPU[0], labels_of(gpu=gpu_a, pci_bus_id=gpu_a, uuid="GPU-a"))
+    b_rx = (GPU[0], labels_of(gpu=gpu_b, pci_bus_id=gpu_b, uuid="GPU-b"))
+    a_cp = (CUDA, (("gpu", gpu_a), *labels_of(kind="h2d", memory="pinned", process="x")))
+    b_cp = (CUDA, (("gpu", gpu_b), *labels_of(kind="h2d", memory="pinned", process="x")))
+    provides = frozenset({*NIC, CUDA, *GPU, PATH_INFO})
+    per_step = {NIC_RX: 2.5 * U, a_rx: 1.5 * U, b_rx: U, a_cp: 0.5 * U, b_cp: U}
+    state, _ = _run(TaxModel(), provides, per_step, steps=3, p2p=frozenset({gpu_a}))
+    assert state.moved[("nic_gpu_p2p", "ingress")] == pytest.approx(2 * U)
+
+
+def test_p2p_capable_gpus_come_from_ready_path_verdicts():
+    """The model, not the engine, reads the topology gauges: a GPU is P2P-capable when any of its
+    NIC pairs is ready; a blocked-only GPU is not."""
+    g = {(PATH_INFO, labels_of(gpu="0000:1b:00.0", nic="a", path="PIX", gpudirect="ready",
+                               reason="none")): 1.0,
+         (PATH_INFO, labels_of(gpu="0000:1b:00.0", nic="b", path="SYS", gpudirect="blocked",
+                               reason="path_sys")): 1.0,
+         (PATH_INFO, labels_of(gpu="0000:9b:00.0", nic="a", path="PHB", gpudirect="blocked",
+                               reason="path_phb")): 1.0,
+         ("pcietax_gpu_best_nic_info", labels_of(gpu="0000:9b:00.0", nic="a", path="PIX", gpudirect="ready",
+                                                 reason="none")): 1.0}
+    assert p2p_capable_gpus(g) == {"0000:1b:00.0"}
+
+
+def test_scoped_socket_path_with_node_wide_verbs():
+    """The scope rule (catalog.SCOPE_RULE): --target.* scopes the socket payload; RDMA verbs payload
+    is node-wide in useful bytes, as the NIC bytes that carry it are node-wide in nic_dma.
+
+    A target receives U over TCP (RoCE NIC, pinned, cudaMemcpy); another process on the node
+    receives 2U by verbs RDMA into pinned memory, copies not traced (it is not a target).
+    nic = U (netdev) + 2U (port) = 3U; useful = socket U + verbs 2U = 3U
+    moved = nic_dma 3U + kernel_copy U + host_to_gpu U (the target's probed copies) = 5U
+    ratio = 5/3: the verbs bytes add 2U to both sides instead of inflating the ratio to 5."""
+    provides = frozenset({*NIC, *RDMA, SOCKET, CUDA})
+    per_step = {NIC_RX: 3 * U, RDMA_RX: 2 * U, SOCK_IN: U, CUDA_PINNED: U}
+    state, _ = _run(TaxModel(), provides, per_step, steps=12)
+    assert state.useful["ingress"] == pytest.approx(11 * 3 * U)
+    assert state.ratio["ingress"] == pytest.approx(5 / 3)
+
+
+def test_loopback_when_lo_is_a_selected_nic():
+    """Tests run over loopback with --nic lo: a transfer of U appears as lo's rx U and tx U.
+    Receiver: socket ingress U into pinned, cudaMemcpy U. Sender: socket egress U.
+    ingress: useful U; moved nic_dma U + kernel_copy U + host_to_gpu U = 3U -> 3.0
+    egress:  useful U; moved nic_dma U + kernel_copy U = 2U -> 2.0 (no D2H copy)."""
+    lo_rx = (NIC[0], labels_of(nic="lo", pci_bus_id=""))
+    lo_tx = (NIC[1], labels_of(nic="lo", pci_bus_id=""))
+    sock_out = (SOCKET, labels_of(direction="egress", process="sender"))
+    provides = frozenset({*NIC, SOCKET, CUDA})
+    per_step = {lo_rx: U, lo_tx: U, SOCK_IN: U, sock_out: U, CUDA_PINNED: U}
+    state, _ = _run(TaxModel(), provides, per_step, steps=12)
+    assert state.ratio == pytest.approx({"ingress": 3.0, "egress": 2.0})
+
+
+def test_churning_series_are_forgotten_and_return_as_a_new_baseline():
+    """SR-IOV VFs come and go: a series unseen for forget_after seconds leaves the model's state,
+    and when it comes back its first value is a baseline (nothing is counted for the gap)."""
+    provides = frozenset(NIC)
+    m = TaxModel(forget_after=10.0)
+    for t in range(100):
+        vf = (NIC[0], labels_of(nic=f"vf{t}", pci_bus_id=f"0000:3b:{t:02x}.1"))
+        m.update(Inputs(t, {NIC_RX: 100.0 * t, vf: 5.0}, provides))
+    assert len(m) <= 1 + 10 + 10 // 4 + 2
+    vf0 = (NIC[0], labels_of(nic="vf0", pci_bus_id="0000:3b:00.1"))
+    before = m.update(Inputs(100, {NIC_RX: 10_000.0}, provides)).moved[("nic_dma", "ingress")]
+    st = m.update(Inputs(101, {NIC_RX: 10_000.0, vf0: 10**9}, provides))
+    assert st.moved[("nic_dma", "ingress")] == before

@@ -14,7 +14,7 @@ GPU1 = "0000:5e:00.0"
 
 
 def gpu_series(family: str, gpu: int, bus: str) -> tuple[str, tuple]:
-    return (family, labels_of(gpu=gpu, pci_bus_id=bus, uuid=f"GPU-{gpu}"))
+    return (family, labels_of(gpu=bus, pci_bus_id=bus, uuid=f"GPU-{gpu}"))
 
 
 def cuda_series(kind: str) -> tuple[str, tuple]:
@@ -51,15 +51,17 @@ def test_nic_gpu_p2p_is_gpu_bytes_minus_probed_copies_for_ready_pairs():
     steps = [
         {gpu_series(RX, 0, GPU0): 0.0, gpu_series(RX, 1, GPU1): 0.0, cuda_series("h2d"): 0.0,
          nic_series(NIC[0]): 0.0},
-        # GPU0 (ready pair) took 10000 B over PCIe, of which 3000 were probed cudaMemcpy H2D; GPU1
-        # (no ready pair) took 4000 B that must not count as P2P; the NIC received 12000 B.
-        {gpu_series(RX, 0, GPU0): 10000.0, gpu_series(RX, 1, GPU1): 4000.0, cuda_series("h2d"): 3000.0,
+        # GPU0 (ready pair) took 10000 B over PCIe; GPU1 (no ready pair) took 4000 B, all of them
+        # host copies since it cannot do P2P; the probes saw 7000 B of cudaMemcpy H2D (no GPU
+        # label), so 4000 are GPU1's and 3000 GPU0's: GPU0's P2P is 10000 - 3000. The NIC
+        # received 12000 B.
+        {gpu_series(RX, 0, GPU0): 10000.0, gpu_series(RX, 1, GPU1): 4000.0, cuda_series("h2d"): 7000.0,
          nic_series(NIC[0]): 12000.0},
     ]
     st = run(TaxModel(), steps, provides, frozenset({GPU0}))
     assert st.measured["nic_gpu_p2p"]
     assert st.moved[("nic_gpu_p2p", "ingress")] == 7000
-    assert st.moved[("host_to_gpu", "ingress")] == 3000  # probes win over NVML for host<->GPU
+    assert st.moved[("host_to_gpu", "ingress")] == 7000  # probes win over NVML for host<->GPU
     assert st.moved[("nic_dma", "ingress")] == 12000 - 7000  # P2P bytes did not land in host memory
 
 
@@ -102,9 +104,10 @@ def test_engine_matches_nvml_bus_ids_to_topology_verdicts():
     engine.start_sources()
     engine.collect()
     fake.advance()
-    stub.h2d = 2000.0
+    # 7000 B of copies: GPU 5e (no ready pair) took 5000 B, all copies; the other 2000 are 3b's.
+    stub.h2d = 7000.0
     st = engine.collect().tax
     assert st is not None
     assert st.moved[("nic_gpu_p2p", "ingress")] == 8000 - 2000
-    assert st.moved[("host_to_gpu", "ingress")] == 2000
+    assert st.moved[("host_to_gpu", "ingress")] == 7000
     engine.close()

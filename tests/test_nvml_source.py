@@ -56,8 +56,20 @@ def fakes():
         s.close()
 
 
+# The `gpu` label is the GPU's PCI address (catalog.GPU_ID); these tests name GPUs by their place
+# in the fakes' lists, so translate the addresses the fakes use back to that place.
+_PLACE = {**{f"0000:{b.lower()}:00.0": str(i) for i, b in enumerate(("18", "2A", "3A", "5D", "9A", "AB",
+                                                                      "BA", "DB"))},
+          "0000:3b:00.0": "0", "0000:5e:00.0": "1"}
+
+
+def _place(gpu: str) -> str:
+    return _PLACE.get(gpu, gpu)
+
+
 def by(snap: Snapshot, family: str, key: str = "gpu") -> dict[str, float]:
-    return {dict(s.labels)[key]: s.value for s in [*snap.counters, *snap.gauges] if s.family == family}
+    return {(_place(dict(s.labels)[key]) if key == "gpu" else dict(s.labels)[key]): s.value
+            for s in [*snap.counters, *snap.gauges] if s.family == family}
 
 
 def faults(snap: Snapshot) -> list[str]:
@@ -237,12 +249,12 @@ def test_eight_gpus_bytes_links_health_and_identity(fakes):
     assert sorted(rx) == [str(i) for i in range(8)]
     assert {k: rx[k] - rx0[k] for k in rx} == {str(i): 4096.0 * (i + 1) for i in range(8)}
     assert {k: tx[k] - tx0[k] for k in tx} == {str(i): 512.0 * (i + 1) for i in range(8)}
-    # identity labels: NVML index, sysfs-form bus id, UUID
-    labels = {dict(s.labels)["gpu"]: dict(s.labels) for s in snap.counters if s.family == RX}
+    # identity labels: gpu and pci_bus_id are the sysfs-form bus id, and the UUID
+    labels = {_place(dict(s.labels)["gpu"]): dict(s.labels) for s in snap.counters if s.family == RX}
     assert labels["3"]["pci_bus_id"] == "0000:5d:00.0"
     assert labels["3"]["uuid"] == gpus[3].uuid
-    info = {dict(s.labels)["gpu"]: dict(s.labels) for s in snap.gauges if s.family == INFO}
-    assert info["6"] == {"gpu": "6", "pci_bus_id": "0000:ba:00.0", "uuid": gpus[6].uuid,
+    info = {_place(dict(s.labels)["gpu"]): dict(s.labels) for s in snap.gauges if s.family == INFO}
+    assert info["6"] == {"gpu": "0000:ba:00.0", "pci_bus_id": "0000:ba:00.0", "uuid": gpus[6].uuid,
                          "name": "NVIDIA H100 80GB HBM3", "numa_node": "1", "counter_path": "field"}
     # links: Gen5 = 32 GT/s per lane, x16, for both states, as the sysfs pcie source spells them
     speed = {
@@ -300,7 +312,8 @@ def _engine(src: NvmlSource, f: FakeNvml) -> Engine:
 
 def _exported(frame, family: str, gpu: str) -> float:
     return next(
-        v for (fam, labels), v in frame.counters.items() if fam == family and dict(labels)["gpu"] == gpu
+        v for (fam, labels), v in frame.counters.items()
+        if fam == family and _place(dict(labels)["gpu"]) == gpu
     )
 
 
@@ -327,8 +340,9 @@ def test_64bit_counter_drop_is_a_reset_not_a_wrap(fakes):
     for _ in range(4):
         seen.append(_exported(engine.collect(), RX, "0"))
         f.advance()
-    # after the reset everything the counter shows is new: 300 bytes, then 1000 more
-    assert [b - a for a, b in pairwise(seen)] == [10_000, 300, 1000]
+    # the first low read is held until the next confirms the reset (a half-written value would
+    # come back); then everything the counter shows is new: 300 bytes, then 1000 more
+    assert [b - a for a, b in pairwise(seen)] == [10_000, 0, 1300]
     engine.close()
 
 
@@ -344,7 +358,8 @@ def test_unsupported_health_fields_and_numa_are_absent_not_faults(fakes):
     assert faults(snap) == []
     assert by(snap, REPLAY, "pci_bus_id") == {"0000:5e:00.0": 0}
     assert by(snap, CORRECTABLE, "pci_bus_id") == {"0000:5e:00.0": 0}
-    assert {dict(s.labels)["gpu"]: dict(s.labels)["numa_node"] for s in snap.gauges if s.family == INFO} == {
+    assert {_place(dict(s.labels)["gpu"]): dict(s.labels)["numa_node"]
+            for s in snap.gauges if s.family == INFO} == {
         "0": "", "1": "0"}
 
 
@@ -424,7 +439,8 @@ def test_lost_gpu_holds_its_counters_others_flow_and_its_reset_is_absorbed(fakes
         assert fr.status["nvml"].up
         f.advance()
     assert [s["0"] for s in series] == [0, 1000, 2000, 3000, 4000, 5000]
-    assert [s["3"] for s in series] == [0, 1000, 1000, 1000, 1100, 1600]
+    # back at 100 (held until the next read confirms the driver's reset), then 600: 1000 + 600
+    assert [s["3"] for s in series] == [0, 1000, 1000, 1000, 1000, 1600]
     assert all(s1[k] >= s0[k] for s0, s1 in pairwise(series) for k in s0)
     assert "handle_by_uuid" in f.calls
     assert engine.frame().status["nvml"].errors == 2  # one "GPU lost" fault per read while it was gone
@@ -512,10 +528,10 @@ def test_every_family_the_source_emits_renders_through_the_prometheus_sink(fakes
     text = generate_latest(reg).decode()
     lines = set(text.splitlines())
     uuid0 = gpus[0].uuid
-    assert (f'pcietax_gpu_pcie_receive_bytes_total{{gpu="0",pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} '
-            "123456.0") in lines
-    assert (f'pcietax_gpu_info{{counter_path="field",gpu="0",name="NVIDIA H100 80GB HBM3",numa_node="0",'
-            f'pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} 1.0') in lines
+    assert ('pcietax_gpu_pcie_receive_bytes_total{gpu="0000:18:00.0",pci_bus_id="0000:18:00.0",'
+            f'uuid="{uuid0}"}} 123456.0') in lines
+    assert ('pcietax_gpu_info{counter_path="field",gpu="0000:18:00.0",name="NVIDIA H100 80GB HBM3",'
+            f'numa_node="0",pci_bus_id="0000:18:00.0",uuid="{uuid0}"}} 1.0') in lines
     assert 'pcietax_pcie_link_width{device_kind="gpu",pci_bus_id="0000:db:00.0",state="max"} 16.0' in lines
     assert 'pcietax_hop_measured{hop="host_to_gpu"} 1.0' in lines
     assert 'pcietax_moved_bytes_total{direction="ingress",hop="host_to_gpu"} 123456.0' in lines

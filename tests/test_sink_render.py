@@ -9,6 +9,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from helpers.gpunode import gpu_node
+from pcietax.catalog import LabelSetMismatch
 from pcietax.engine import Engine, Frame, SourceStatus
 from pcietax.model import NIC, Inputs, TaxModel
 from pcietax.sinks.prometheus import PcietaxRegistry, exposition
@@ -29,11 +30,14 @@ def test_whole_node_identical(tmp_path):
     node = gpu_node(tmp_path, ncpu=8, irq_lines=200)
     opts = SourceOptions(sysfs=str(node.sys), procfs=str(node.proc))
     specs = by_name()
-    eng = Engine([specs[n].build(opts) for n in ("netdev", "rdma", "procfs", "pcie")], TaxModel())
+    names = ("netdev", "rdma", "procfs", "pcie", "topology")
+    eng = Engine([specs[n].build(opts) for n in names], TaxModel())
     eng.start_sources()
     try:
         eng.collect()
-        reg = PcietaxRegistry(eng.frame, ["netdev", "rdma", "procfs", "pcie"])
+        # Every series every fixture source emits has exactly its catalog label set (rendering
+        # checks it and raises otherwise).
+        reg = PcietaxRegistry(eng.frame, list(names))
         _both(reg)
         body = reg.render(CONTENT_TYPE_PLAIN_0_0_4).decode()
         assert body.count("pcietax_hardirq_total{") == 202  # 200 lines + ERR + MIS
@@ -46,8 +50,7 @@ def _awkward_frame() -> Frame:
         ("pcietax_hardirq_total", labels_of(irq="77", name='weird "quoted" \\ name\nnext')): 2.0**60,
         ("pcietax_hardirq_total", labels_of(irq="78", name="")): 0.0,
         ("pcietax_hardirq_total", labels_of(irq="79", name="ünïcode")): 1e-9,
-        # A label the catalog does not know is dropped; a catalog label missing is exposed empty.
-        ("pcietax_nic_receive_bytes_total", labels_of(nic="eth0", extra="x")): 123456789012345678.0,
+        ("pcietax_nic_receive_bytes_total", labels_of(nic="eth0", pci_bus_id="")): 123456789012345678.0,
     }
     gauges = {
         ("pcietax_pcie_link_speed_gts", labels_of(pci_bus_id="0000:3b:00.0", device_kind="nic",
@@ -121,3 +124,25 @@ def test_number_format_is_client_pythons(v):
     from pcietax.sinks.prometheus import _go_float
 
     assert _go_float(v) == floatToGoString(v)
+
+
+@pytest.mark.parametrize("labels", [
+    labels_of(nic="eth0", pci_bus_id="0000:3b:00.0", extra="x"),  # a label the catalog lacks
+    labels_of(nic="eth0"),  # a catalog label missing
+])
+def test_a_label_set_that_differs_from_the_catalog_fails_loudly(labels):
+    """Issue 11: the sink used to drop labels the catalog does not list, which turns two series
+    into duplicates without a trace. Now rendering fails, in both paths, so a test catches it."""
+    frame = Frame(0.0, {("pcietax_nic_receive_bytes_total", labels): 1.0}, {}, {}, None)
+    reg = PcietaxRegistry(lambda: frame, [])
+    with pytest.raises(LabelSetMismatch, match="catalog"):
+        reg.render(CONTENT_TYPE_PLAIN_0_0_4)
+    with pytest.raises(LabelSetMismatch, match="catalog"):
+        generate_latest(reg)
+
+
+def test_a_direction_outside_the_catalog_fails_loudly():
+    frame = Frame(0.0, {("pcietax_socket_copy_bytes_total", labels_of(direction="rx", process="x")): 1.0},
+                  {}, {}, None)
+    with pytest.raises(LabelSetMismatch, match="direction"):
+        PcietaxRegistry(lambda: frame, []).render(CONTENT_TYPE_PLAIN_0_0_4)

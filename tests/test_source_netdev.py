@@ -10,8 +10,10 @@ import pytest
 from conftest import needs_root
 from helpers.asuser import run_as_nobody, world_traversable_dir
 from helpers.fakenode import FakeNode
-from pcietax.sources.base import SourceUnavailable
-from pcietax.sources.netdev import RX, TX, NetdevSource
+from pcietax.engine import Engine
+from pcietax.model import TaxModel
+from pcietax.sources.base import SourceAbsent, SourceUnavailable
+from pcietax.sources.netdev import IPOIB_RX, IPOIB_TX, RX, TX, NetdevSource
 
 
 def _values(snap) -> dict[tuple[str, str], float]:
@@ -50,7 +52,7 @@ def node(fake_node: FakeNode) -> FakeNode:
 def test_physical_nics_counted_once(node):
     snap = _source(node).read()
     assert snap.faults == []
-    assert snap.provides == {RX, TX}
+    assert snap.provides == {RX, TX, IPOIB_RX, IPOIB_TX}
     assert _values(snap) == {
         (RX, "eno1"): 1_000, (TX, "eno1"): 2_000,
         (RX, "eno2"): 3_000, (TX, "eno2"): 4_000,
@@ -58,6 +60,8 @@ def test_physical_nics_counted_once(node):
         (RX, "ens5f0"): 10_000 + 4 * 1_000, (TX, "ens5f0"): 20_000 + 4 * 2_000,
         # InfiniBand: port bytes only (the IPoIB netdev's 555/666 are inside them).
         (RX, "ib0"): 4 * 25_000, (TX, "ib0"): 4 * 50_000,
+        # ...and reported apart, so the model can take them off the port bytes (useful once).
+        (IPOIB_RX, "ib0"): 555, (IPOIB_TX, "ib0"): 666,
     }
     pci = {dict(s.labels)["nic"]: dict(s.labels)["pci_bus_id"] for s in snap.counters}
     assert pci == {"eno1": "0000:3b:00.0", "eno2": "0000:3b:00.1", "ens5f0": "0000:5e:00.0",
@@ -243,3 +247,95 @@ def test_port_without_data_counters_is_not_a_fault(node):
     snap = _source(node).read()
     assert snap.faults == []
     assert _rx(snap)["ens5f0"] == 10_000
+
+
+# -- real layouts and broken files (issues 11 and 13) --------------------------------------------
+
+
+def test_class_net_directory_with_a_device_link_is_a_physical_nic(fake_node):
+    """The prometheus/procfs fixture layout (also sysfs copies, some container views):
+    sys/class/net/eth0 is a directory, not a link, and holds ``device -> ../../../devices/...``.
+    The NIC counts, and topology names it by the same helper (test_topology covers that side)."""
+    fn = fake_node.add_pci("0000:3b:00.0", 0x020000)
+    fake_node.add_netdev("lo", None, 1, 1)
+    entry = fake_node.sys / "class/net/eth0"
+    (entry / "statistics").mkdir(parents=True)
+    (entry / "device").symlink_to("../../../devices/pci0000:00/0000:3b:00.0")
+    (entry / "statistics/rx_bytes").write_text("7000\n")
+    fake_node._netdev["eth0"] = (7_000, 8_000)
+    fake_node.write_net_dev()
+    assert fn.path.exists()
+    snap = _source(fake_node).read()
+    assert _values(snap) == {(RX, "eth0"): 7_000, (TX, "eth0"): 8_000}
+    assert {dict(s.labels)["pci_bus_id"] for s in snap.counters} == {"0000:3b:00.0"}
+
+
+def test_port_counters_without_pma_are_quietly_absent(node):
+    """Older kernels and iWARP devices print ``N/A (no PMA)`` in port_rcv_data: not a fault, and
+    the RoCE NIC sharing that PCI function still counts its netdev bytes."""
+    for f in ("port_rcv_data", "port_xmit_data"):
+        node.write_raw(f"sys/class/infiniband/mlx5_0/ports/1/counters/{f}", "N/A (no PMA)\n")
+    snap = _source(node).read()
+    assert snap.faults == []
+    assert _rx(snap)["ens5f0"] == 10_000
+
+
+@pytest.mark.parametrize("content", ["", "garbage\n", "Inter-|   Receive\n face |bytes\n"])
+def test_empty_or_headless_net_dev_is_a_failure_and_nothing_is_renamed(node, content):
+    """A broken /proc/net/dev fails the read (the engine holds every NIC's counters and marks the
+    source down); it never exports the InfiniBand NICs under their RDMA names or drops Ethernet."""
+    eng = Engine([_source(node)], TaxModel())
+    try:
+        before = {dict(k[1])["nic"]: v for k, v in eng.collect().counters.items() if k[0] == RX}
+        node.write_raw("proc/net/dev", content)
+        f = eng.collect()
+        assert not f.status["netdev"].up and "net/dev" in f.status["netdev"].reason
+        assert {dict(k[1])["nic"]: v for k, v in f.counters.items() if k[0] == RX} == before
+    finally:
+        eng.close()
+
+
+def test_a_bad_line_holds_that_nic_under_its_own_name(node):
+    """ib0's line is cut: ib0 keeps its name and last bytes (not renamed to mlx5_1), with a fault."""
+    src = _source(node)
+    first = _rx(src.read())
+    text = (node.proc / "net/dev").read_text().replace("ib0:", "ib0")
+    node.write_raw("proc/net/dev", text)
+    snap = src.read()
+    assert [f.what for f in snap.faults] == ["truncated line"]
+    assert _rx(snap) == first
+
+
+def test_only_virtual_netdevs_is_absent(fake_node):
+    """No physical NIC at all (a VM with only lo and bridges): absent, not a failure."""
+    fake_node.add_netdev("lo", None, 1, 1)
+    fake_node.add_netdev("docker0", None, 1, 1)
+    with pytest.raises(SourceAbsent, match="no physical NIC"):
+        NetdevSource(procfs=str(fake_node.proc), sysfs=str(fake_node.sys)).start()
+    # Naming an interface (tests use --nic lo) is a choice, not an absence.
+    NetdevSource(procfs=str(fake_node.proc), sysfs=str(fake_node.sys), nics=["lo"]).start()
+
+
+def test_huge_net_dev_is_refused_with_a_fault_not_read_whole(node):
+    """A 100 MB /proc/net/dev (a hostile mount) is not read whole: the read fails at the cap."""
+    with open(node.proc / "net/dev", "ab") as f:
+        f.truncate(100 << 20)
+    with pytest.raises(SourceUnavailable, match="larger than"):
+        _source(node).read()
+
+
+def test_churning_vfs_do_not_grow_the_state(fake_node):
+    """A VF per pod: 2,000 reads, each with a new VF, keep the per-NIC state bounded."""
+    from pcietax.sources import netdev
+
+    src = NetdevSource(procfs=str(fake_node.proc), sysfs=str(fake_node.sys))
+    src._totals = netdev._NicTotals(forget_after=40)
+    pf = fake_node.add_pci("0000:3b:00.0", 0x020000)
+    fake_node.add_netdev("eno1", pf, 1, 1)
+    for i in range(300):
+        vf = fake_node.add_pci(f"0000:3c:{i // 8:02x}.{i % 8}", 0x020000)
+        fake_node.add_netdev(f"vf{i}", vf, i, i)
+        src.read()
+        fake_node.remove_netdev(f"vf{i}")
+    assert len(src._totals._parts) <= 40 + 10 + 2
+    assert len(src._totals._absorber) <= 2 * (40 + 10 + 2)

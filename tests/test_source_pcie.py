@@ -7,7 +7,7 @@ import pytest
 
 from helpers.fakenode import pcie_config_space
 from pcietax.pcie_math import ceiling
-from pcietax.sources.base import SourceUnavailable
+from pcietax.sources.base import SourceAbsent, SourceUnavailable
 from pcietax.sources.pcie import CEILING, CORRECTABLE, REPLAY, SPEED, WIDTH, PcieSource
 
 GPU, NIC = "0000:1b:00.0", "0000:5e:00.0"
@@ -146,3 +146,43 @@ def test_device_vanishes_during_walk(node):
 def test_no_pci_bus(tmp_path):
     with pytest.raises(SourceUnavailable, match="no PCI bus"):
         PcieSource(sysfs=str(tmp_path)).start()
+
+
+def test_no_pci_bus_is_absent(tmp_path):
+    """No bus/pci at all (an arm SoC without PCIe, a container without /sys): absent, not failed."""
+    with pytest.raises(SourceAbsent):
+        PcieSource(sysfs=str(tmp_path)).start()
+
+
+def test_bmc_vga_is_not_a_gpu_here_or_in_topology(node):
+    """One classifier: an ASPEED BMC's VGA (class 0x030000, vendor 0x1a03) is "other" for the pcie
+    source exactly as for the topology walk, so it gets no GPU link series."""
+    from pcietax.topology import discover
+
+    node.add_pci("0000:02:00.0", 0x030000, vendor=0x1A03, device=0x2000,
+                 link=("5.0 GT/s PCIe", 1, "5.0 GT/s PCIe", 1))
+    snap = _source(node).read()
+    assert not any(k[1] == "0000:02:00.0" for k in _gauges(snap, SPEED))
+    assert discover(node.sys).tree.devices["0000:02:00.0"].kind == "other"
+
+
+def test_fixed_facts_are_cached_current_link_and_aer_reread(node):
+    """Class, max link and MPS are read once per refresh; the current link (a retrain) and AER
+    counters every cycle; a function that appears is read at once."""
+    t = [0.0]
+    src = PcieSource(sysfs=str(node.sys), refresh=60.0, clock=lambda: t[0])
+    src.start()
+    src.read()
+    dev = node.sys / "bus/pci/devices" / GPU
+    (dev / "current_link_speed").write_text("8.0 GT/s PCIe\n")  # retrained down to Gen3
+    (dev / "max_link_speed").write_text("2.5 GT/s PCIe\n")  # (cannot change live: ignored)
+    (dev / "aer_dev_correctable").write_text("RxErr 9\nRollover 3\nTimeout 4\nTOTAL_ERR_COR 9\n")
+    node.add_pci("0000:9b:00.0", 0x030200, vendor=0x10DE)
+    t[0] = 1.0
+    snap = src.read()
+    speed = _gauges(snap, SPEED)
+    assert speed[("gpu", GPU, "current")] == 8.0 and speed[("gpu", GPU, "max")] == 32.0
+    assert _counters(snap, CORRECTABLE)[GPU] == 9
+    assert ("gpu", "0000:9b:00.0", "current") in speed
+    t[0] = 61.0  # the refresh re-reads everything
+    assert _gauges(src.read(), SPEED)[("gpu", GPU, "max")] == 2.5

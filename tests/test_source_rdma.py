@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pcietax.sources.base import SourceUnavailable
+from pcietax.sources.base import SourceAbsent, SourceUnavailable
 from pcietax.sources.rdma import RX, TX, RdmaSource
 
 
@@ -48,10 +48,31 @@ def test_64_bit_values_are_exact(node):
     assert v == float(big * 4)
 
 
-def test_no_infiniband_class_fails_start(fake_node):
-    (fake_node.sys / "class/infiniband").rmdir()
-    with pytest.raises(SourceUnavailable, match="no RDMA devices"):
+def test_no_infiniband_class_is_absent(fake_node):
+    """No /sys/class/infiniband (no RDMA stack) or an empty one (ib_core, no HCA): the hardware is
+    not on this node, which is expected and never alerted on."""
+    with pytest.raises(SourceAbsent, match="is empty"):
         RdmaSource(sysfs=str(fake_node.sys)).start()
+    (fake_node.sys / "class/infiniband").rmdir()
+    with pytest.raises(SourceAbsent, match="no RDMA devices"):
+        RdmaSource(sysfs=str(fake_node.sys)).start()
+
+
+def test_counters_without_pma_are_quietly_absent(node):
+    """``N/A (no PMA)`` (older kernels, iWARP devices): that port has no data series, no fault,
+    every other port flows (node_exporter skips such counters the same way)."""
+    for f in ("port_rcv_data", "port_xmit_data"):
+        node.write_raw(f"sys/class/infiniband/mlx5_1/ports/2/counters/{f}", "N/A (no PMA)\n")
+    snap = _source(node).read()
+    assert snap.faults == []
+    assert {(d, p) for _, d, p in _values(snap)} == {("mlx5_0", "1"), ("mlx5_1", "1"), ("mlx5_1", "10")}
+
+
+def test_a_400_digit_counter_skips_the_series_not_the_source(node):
+    node.write_raw("sys/class/infiniband/mlx5_0/ports/1/counters/port_rcv_data", "9" * 400 + "\n")
+    snap = _source(node).read()
+    assert [f.what for f in snap.faults] == ["unreadable RDMA counter"]
+    assert (RX, "mlx5_1", "1") in _values(snap)
 
 
 def test_class_dir_vanishes_after_start(node):

@@ -17,7 +17,7 @@ from helpers.exporters import serve_until
 from helpers.topotree import expected_path, hgx_h100
 from pcietax.engine import Engine
 from pcietax.model import TaxModel
-from pcietax.sources.base import SourceUnavailable
+from pcietax.sources.base import SourceAbsent, SourceUnavailable
 from pcietax.sources.topology import BEST_NIC, PATH_INFO, TopologySource
 from pcietax.topology import discover
 
@@ -157,3 +157,23 @@ def test_real_sysfs_of_this_machine():
     assert r.returncode == 0 and "Traceback" not in r.stderr
     doc = json.loads(r.stdout)
     assert len(doc["pairs"]) == len(doc["gpus"]) * len(doc["nics"])
+
+
+def test_no_pci_bus_is_absent(tmp_path):
+    with pytest.raises(SourceAbsent):
+        TopologySource(sysfs=str(tmp_path)).start()
+
+
+def test_class_net_directory_with_device_link_names_the_nic(tmp_path):
+    """The prometheus/procfs fixture layout: sys/class/net/eth0 a directory holding a ``device``
+    link. Topology names the NIC by it, through the same helper as the netdev source."""
+    lay = hgx_h100(tmp_path)
+    entry = lay.sysfs / "class/net/eth0"
+    target = os.readlink(entry)
+    entry.unlink()
+    entry.mkdir()
+    # The kernel's link points at .../<function>/net/eth0; the directory's device link at <function>.
+    (entry / "device").symlink_to(os.path.join("..", target.split("/net/")[0]))
+    assert (entry / "device").resolve(strict=True).is_dir()
+    names = {d.addr: d.name for d in discover(lay.sysfs).nics}
+    assert "eth0" in names.values()

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_calc(args: argparse.Namespace) -> int:
-    from .pcie_math import ceiling, render_table, seed_differences
+    from .pcie_math import ceiling, quoted_differences, render_table
 
     try:
         c = ceiling(args.gen, args.width, args.mps, args.header, args.ecrc, args.flow_control)
@@ -101,7 +101,7 @@ def cmd_calc(args: argparse.Namespace) -> int:
         print(f"pcietax calc: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({**c.as_dict(), "seed_differences": seed_differences(c)}, indent=2))
+        print(json.dumps({**c.as_dict(), "quoted_table_differences": quoted_differences(c)}, indent=2))
     else:
         sys.stdout.write(render_table(c))
     return 0

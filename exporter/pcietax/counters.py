@@ -1,9 +1,17 @@
-"""Turn raw device counters into counters that never go backwards.
+"""Turn raw device counters into counters that never go backwards: the one "raw value -> monotonic
+value" implementation (the engine, the netdev source's per-NIC parts and the tests all use it).
 
-A raw value below the previous one is either a *wrap* (a narrow counter passed 2**bits) or a
-*reset* (driver reload, device re-enumerated, a restarted eBPF program). Both are absorbed: the
-exported value keeps rising by the true increase, and each event is counted so the operator can
-see it (``pcietax_source_resets_total``). Pure arithmetic, no I/O.
+A raw value below the previous one is a *wrap* (a narrow counter passed 2**bits), a *reset*
+(driver reload, device re-enumerated, a restarted eBPF program), or a *glitch*: one read of a
+half-written file that comes back right on the next read. Wraps are plausible only near the top of
+the range and are absorbed at once. Any other drop is held for one read and confirmed: if the next
+read is back at or above the value before the drop, it was a glitch and nothing is absorbed (a
+glitch taken as a reset would add the counter's whole history when the file is repaired); if it is
+still below, the reset is absorbed then, with everything counted since. Each wrap and reset is
+counted so the operator can see it (``pcietax_source_resets_total``). Pure arithmetic, no I/O.
+
+Series not fed for ``forget_after`` cycles are forgotten (SR-IOV VFs and IRQ lines churn); one that
+returns later starts again from its raw value, which Prometheus reads as a counter reset.
 """
 
 from __future__ import annotations
@@ -12,39 +20,65 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 # A wrap is only plausible when the previous value was in the top part of the counter's range
-# and the new one near the bottom; otherwise a drop is a reset.
+# and the new one near the bottom; otherwise a drop is a reset (or a glitch).
 _WRAP_WINDOW = 0.5
+FORGET_AFTER_CYCLES = 600  # ten minutes at the default 1 s collection interval
 
 
 @dataclass
 class _State:
     last_raw: float
     offset: float
+    seen: int  # cycle of the last update
+    dropped: bool = False  # the last read was below last_raw and is waiting for confirmation
 
 
 class CounterAbsorber:
     """Per-series state: key -> (last raw value, offset added to every later raw value)."""
 
-    def __init__(self) -> None:
+    def __init__(self, forget_after: int = FORGET_AFTER_CYCLES) -> None:
         self._state: dict[Hashable, _State] = {}
         self.wraps = 0
         self.resets = 0
+        self.glitches = 0
+        self.forget_after = forget_after
+        self._cycle = 0
 
-    def update(self, key: Hashable, raw: float, bits: int | None = None) -> float:
-        """Feed one raw reading; return the monotonic value (first reading is taken as-is)."""
+    def update(self, key: Hashable, raw: float, bits: int | None = None,
+               confirm: bool = True) -> float:
+        """Feed one raw reading; return the monotonic value (first reading is taken as-is).
+
+        A drop is absorbed at once, without waiting for a confirming read, when ``confirm`` is
+        False (the source failed in between: the driver went away and came back) or when the
+        series was missing from the previous cycle (the device was re-enumerated)."""
         st = self._state.get(key)
         if st is None:
-            self._state[key] = _State(raw, 0.0)
+            self._state[key] = _State(raw, 0.0, self._cycle)
             return raw
-        if raw < st.last_raw:
-            if bits is not None and _is_wrap(st.last_raw, raw, bits):
-                st.offset += float(2**bits)
-                self.wraps += 1
-            else:
-                # After a reset the counter restarted at zero: everything it now shows is new.
-                st.offset += st.last_raw
-                self.resets += 1
+        if st.seen < self._cycle - 1:
+            confirm = False
+        st.seen = self._cycle
+        if raw >= st.last_raw:
+            if st.dropped:
+                self.glitches += 1  # back where it was: the lower read was not a reset
+                st.dropped = False
+            st.last_raw = raw
+            return raw + st.offset
+        if bits is not None and _is_wrap(st.last_raw, raw, bits):
+            st.offset += float(2**bits)
+            self.wraps += 1
+            st.dropped = False
+            st.last_raw = raw
+            return raw + st.offset
+        if confirm and not st.dropped:
+            st.dropped = True  # hold the last value until the next read says which it was
+            return st.last_raw + st.offset
+        # Still below on the second read (or nothing to confirm against): a real reset. The
+        # counter restarted at zero, so everything it now shows is new.
+        st.dropped = False
+        st.offset += st.last_raw
         st.last_raw = raw
+        self.resets += 1
         return raw + st.offset
 
     def value(self, key: Hashable) -> float | None:
@@ -53,6 +87,18 @@ class CounterAbsorber:
 
     def forget(self, key: Hashable) -> None:
         self._state.pop(key, None)
+
+    def end_cycle(self) -> int:
+        """Close one collection cycle: forget series not updated for ``forget_after`` cycles.
+        Returns how many were forgotten."""
+        self._cycle += 1
+        if self._cycle % max(1, self.forget_after // 4):
+            return 0  # sweep a few times per forget period, not every cycle
+        cutoff = self._cycle - self.forget_after
+        old = [k for k, st in self._state.items() if st.seen < cutoff]
+        for k in old:
+            del self._state[k]
+        return len(old)
 
     def __len__(self) -> int:
         return len(self._state)

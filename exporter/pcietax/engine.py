@@ -16,7 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from .counters import CounterAbsorber
-from .model import PATH_INFO, Inputs, SeriesKey, TaxModel, TaxState
+from .model import Inputs, SeriesKey, TaxModel, TaxState
 from .sources.base import Snapshot, Source, SourceAbsent, SourceUnavailable
 
 log = logging.getLogger("pcietax")
@@ -65,6 +65,9 @@ class _Slot:
     absent: bool = False  # the last start said SourceAbsent, and the source was never up
     ever_up: bool = False
     source_resets: int = 0  # absorbed inside the source (Snapshot.resets)
+    # The source failed since its last good read: a lower value next is a reset (driver reload),
+    # not a half-written file, so it is absorbed without waiting for a confirming read.
+    after_gap: bool = False
 
 
 class Engine:
@@ -191,6 +194,7 @@ class Engine:
         except FutureTimeout:
             if not fut.done():
                 slot.pending = fut
+                slot.after_gap = True
                 slot.read_ok = False
                 slot.reason = f"read took longer than {self._budget:g}s"
                 slot.duration = self._budget
@@ -216,6 +220,7 @@ class Engine:
 
     def _failed(self, slot: _Slot, e: BaseException | None) -> None:
         slot.read_ok = False
+        slot.after_gap = True
         # A source that was up and now reads as absent has lost hardware it had: a failure.
         slot.absent = False
         if isinstance(e, SourceUnavailable):
@@ -279,13 +284,15 @@ class Engine:
                 for s in snap.counters:
                     key = (s.family, s.labels)
                     value = (
-                        slot.absorber.update((s.family, s.labels), s.value, s.bits)
+                        slot.absorber.update(key, s.value, s.bits, confirm=not slot.after_gap)
                         if up
                         else slot.absorber.value(key)
                     )
                     if value is not None and key not in counters:  # earlier source wins a shared series
                         counters[key] = value
                 if up:
+                    slot.absorber.end_cycle()  # forget series this source stopped giving long ago
+                    slot.after_gap = False
                     for s in snap.gauges:
                         gauges.setdefault((s.family, s.labels), s.value)
                     provides |= snap.provides
@@ -298,10 +305,6 @@ class Engine:
                 resets=slot.absorber.wraps + slot.absorber.resets + slot.source_resets,
                 absent=slot.absent and not up,
             )
-        p2p = frozenset(
-            dict(labels).get("gpu", "")
-            for (fam, labels) in gauges
-            if fam == PATH_INFO and dict(labels).get("gpudirect") == "ready"
-        )
-        tax = self._model.update(Inputs(now, counters, frozenset(provides), p2p))
+        # Which GPUs can do peer-to-peer is the model's to decide, from the topology gauges.
+        tax = self._model.update(Inputs(now, counters, frozenset(provides), gauges=gauges))
         return Frame(now, counters, gauges, status, tax)

@@ -1,15 +1,42 @@
 """Small, strict readers for procfs/sysfs text. They raise ``ValueError``/``OSError`` with the path;
-sources turn those into faults so one bad file never takes a source down."""
+sources turn those into faults so one bad file never takes a source down.
+
+Every read is capped: a kernel file that is bigger than any real one (a bind-mounted fixture, a
+hostile FUSE mount, a runaway driver) raises ``FileTooLarge`` after reading at most the cap, so
+the exporter's memory stays bounded (the systemd unit has MemoryMax=512M)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+# A sysfs attribute is at most one page (PAGE_SIZE, 4 KiB on x86, 64 KiB on some arm64 kernels).
+SYSFS_MAX = 64 << 10
+# /proc/interrupts on 256 CPUs x 5,000 IRQ lines is about 14 MiB; /proc/net/dev with 100,000
+# interfaces about 15 MiB. Nothing real comes near this.
+PROCFS_MAX = 64 << 20
 
-def read_text(path: str | os.PathLike[str]) -> str:
-    with open(path, encoding="ascii", errors="strict") as f:
-        return f.read()
+
+class FileTooLarge(OSError):
+    """A kernel file over its read cap (an OSError, so every source's handler counts it)."""
+
+    def __init__(self, path: str | os.PathLike[str], limit: int) -> None:
+        super().__init__(errno.EFBIG, f"larger than {limit} bytes (no real kernel file is)", str(path))
+
+
+def read_bytes(path: str | os.PathLike[str], limit: int = SYSFS_MAX) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(path, limit)
+    return data
+
+
+def read_text(path: str | os.PathLike[str], limit: int = SYSFS_MAX, errors: str = "strict") -> str:
+    """The file as text: strict ASCII by default (numbers, names); ``errors="replace"`` for files
+    whose free text a driver writes (IRQ action names), so one odd byte does not lose the file."""
+    return read_bytes(path, limit).decode("ascii", errors)
 
 
 def read_str(path: str | os.PathLike[str]) -> str:
@@ -22,6 +49,31 @@ def read_int(path: str | os.PathLike[str], base: int = 10) -> int:
         return int(text, base)
     except ValueError:
         raise ValueError(f"not an integer: {text[:40]!r} in {path}") from None
+
+
+# Kernel counters are at most 64 bits; anything longer is garbage (and past 308 digits a float
+# conversion would raise OverflowError instead of skipping the line).
+COUNTER_MAX = 2**64
+
+
+def counter_value(text: str | bytes) -> int:
+    """A non-negative kernel counter from decimal text; ValueError for anything else (signs,
+    spaces inside, more than 64 bits)."""
+    t = text.strip()
+    if not t.isdigit() or len(t) > 20:
+        raise ValueError(f"not a counter: {t[:40]!r}")
+    v = int(t)
+    if v >= COUNTER_MAX:
+        raise ValueError(f"not a 64-bit counter: {t[:40]!r}")
+    return v
+
+
+def read_counter(path: str | os.PathLike[str]) -> int:
+    text = read_str(path)
+    try:
+        return counter_value(text)
+    except ValueError:
+        raise ValueError(f"not a counter: {text[:40]!r} in {path}") from None
 
 
 def read_optional_str(path: str | os.PathLike[str]) -> str | None:

@@ -2,7 +2,14 @@
 ratio out. Pure arithmetic on snapshots (no I/O, no clock, no Prometheus), per DESIGN.md section 1.
 
 Every update works on per-series deltas, so a series that vanishes (a NIC unplugged) and returns
-later adds only what it moved in between, and every exported counter only rises.
+later adds only what it moved in between, and every exported counter only rises. A series unseen
+for ``forget_after`` seconds is forgotten (churning SR-IOV VFs and IRQ lines would otherwise grow
+the state forever); if it returns, its first value is a new baseline.
+
+Useful bytes are socket payload plus RDMA *verbs* payload: an InfiniBand port's counters carry its
+IPoIB netdev's traffic too, which the socket payload already counts, so the IPoIB bytes come off
+the port bytes. Scoping (``--target.*``) is the rule in ``catalog.SCOPE_RULE``: eBPF-attributed
+bytes are the targets', every device counter (NIC, RDMA port, NVML, UPI) is node-wide.
 """
 
 from __future__ import annotations
@@ -11,19 +18,21 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from . import catalog as c
 from .sources.base import Labels
 
 HOPS = ("nic_dma", "kernel_copy", "user_copy", "host_to_gpu", "nic_gpu_p2p", "upi")
-DIRECTIONS = ("ingress", "egress")
+DIRECTIONS = c.DIRECTIONS
 
-NIC = ("pcietax_nic_receive_bytes_total", "pcietax_nic_transmit_bytes_total")
-RDMA = ("pcietax_rdma_port_receive_bytes_total", "pcietax_rdma_port_transmit_bytes_total")
-GPU = ("pcietax_gpu_pcie_receive_bytes_total", "pcietax_gpu_pcie_transmit_bytes_total")
-SOCKET = "pcietax_socket_copy_bytes_total"
-CUDA = "pcietax_cuda_copy_bytes_total"
-MEMCPY = "pcietax_memcpy_bytes_total"
-UPI = "pcietax_upi_bytes_total"
-PATH_INFO = "pcietax_gpu_nic_path_info"
+NIC = (c.NIC_RECEIVE_BYTES, c.NIC_TRANSMIT_BYTES)
+IPOIB = (c.NIC_IPOIB_RECEIVE_BYTES, c.NIC_IPOIB_TRANSMIT_BYTES)
+RDMA = (c.RDMA_PORT_RECEIVE_BYTES, c.RDMA_PORT_TRANSMIT_BYTES)
+GPU = (c.GPU_PCIE_RECEIVE_BYTES, c.GPU_PCIE_TRANSMIT_BYTES)
+SOCKET = c.SOCKET_COPY_BYTES
+CUDA = c.CUDA_COPY_BYTES
+MEMCPY = c.MEMCPY_BYTES
+UPI = c.UPI_BYTES
+PATH_INFO = c.GPU_NIC_PATH_INFO
 
 SeriesKey = tuple[str, Labels]
 HopKey = tuple[str, str]  # (hop, direction)
@@ -36,7 +45,22 @@ class Inputs:
     t: float
     counters: Mapping[SeriesKey, float]  # monotonic values (wraps/resets already absorbed)
     provides: frozenset[str]  # families actively measured by sources that are up
-    p2p_gpus: frozenset[str] = frozenset()  # pci_bus_id of GPUs with a GPUDirect-ready NIC pair
+    # GPUs (PCI address) to treat as P2P-capable on top of those the gauges show (tests, replays).
+    p2p_gpus: frozenset[str] = frozenset()
+    gauges: Mapping[SeriesKey, float] = field(default_factory=dict)  # topology verdicts among them
+
+
+def p2p_capable_gpus(gauges: Mapping[SeriesKey, float]) -> frozenset[str]:
+    """GPUs (PCI address) with at least one GPUDirect-ready NIC pair: only their PCIe bytes can be
+    NIC<->GPU peer-to-peer traffic. A GPU with no such pair receives network data only through
+    host copies, which is what lets the model attribute unlabelled copies (see _p2p)."""
+    out = set()
+    for fam, labels in gauges:
+        if fam == PATH_INFO:
+            lv = dict(labels)
+            if lv.get("gpudirect") == "ready" and lv.get("gpu"):
+                out.add(lv["gpu"])
+    return frozenset(out)
 
 
 @dataclass(frozen=True)
@@ -47,17 +71,29 @@ class TaxState:
     ratio: Mapping[str, float]  # direction -> ratio; missing when undefined (no useful traffic)
 
 
+def _per_direction() -> dict[str, float]:
+    return dict.fromkeys(DIRECTIONS, 0.0)
+
+
 @dataclass
 class _Deltas:
-    nic: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
-    rdma: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
-    socket: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
-    cuda: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
-    cuda_pageable: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
-    memcpy: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
-    gpu_all: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
-    gpu_p2p_capable: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIRECTIONS, 0.0))
+    nic: dict[str, float] = field(default_factory=_per_direction)
+    ipoib: dict[str, float] = field(default_factory=_per_direction)
+    rdma: dict[str, float] = field(default_factory=_per_direction)
+    socket: dict[str, float] = field(default_factory=_per_direction)
+    cuda: dict[str, float] = field(default_factory=_per_direction)
+    cuda_pageable: dict[str, float] = field(default_factory=_per_direction)
+    memcpy: dict[str, float] = field(default_factory=_per_direction)
+    gpu_all: dict[str, float] = field(default_factory=_per_direction)
+    # Per GPU (PCI address): NVML bytes, and the CUDA copies whose series name their GPU.
+    gpu: dict[tuple[str, str], float] = field(default_factory=dict)
+    cuda_gpu: dict[tuple[str, str], float] = field(default_factory=dict)
     upi: float = 0.0
+
+    def useful(self, x: str) -> float:
+        """Socket payload plus verbs payload: an InfiniBand port's counters also carry its IPoIB
+        netdev's traffic, which the socket payload already has (DESIGN.md section 1)."""
+        return self.socket[x] + max(0.0, self.rdma[x] - self.ipoib[x])
 
 
 _CUDA_DIRECTION = {"h2d": "ingress", "d2h": "egress"}
@@ -82,8 +118,13 @@ def useful_measured(provides: frozenset[str]) -> bool:
     return SOCKET in provides or any(f in provides for f in RDMA)
 
 
+def _add(d: dict, key, delta: float) -> None:
+    d[key] = d.get(key, 0.0) + delta
+
+
 class TaxModel:
-    def __init__(self, window: float = 10.0, min_useful: float = 1 << 20) -> None:
+    def __init__(self, window: float = 10.0, min_useful: float = 1 << 20,
+                 forget_after: float = 600.0) -> None:
         if window <= 0:
             raise ValueError("ratio window must be positive")
         if min_useful < 0:
@@ -92,7 +133,10 @@ class TaxModel:
         # A direction that carried almost no payload (the ACKs of a bulk transfer, say) has no
         # meaningful ratio: a few bytes of useful traffic against its NIC's headers reads as 10^6.
         self.min_useful = min_useful
+        self.forget_after = forget_after
         self._last: dict[SeriesKey, float] = {}
+        self._seen: dict[SeriesKey, float] = {}
+        self._pruned_at = float("-inf")
         self._useful = dict.fromkeys(DIRECTIONS, 0.0)
         self._moved: dict[HopKey, float] = {(h, d): 0.0 for h in HOPS for d in DIRECTIONS}
         self._history: deque[tuple[float, dict[str, float], dict[str, float]]] = deque()
@@ -100,8 +144,9 @@ class TaxModel:
     def update(self, inp: Inputs) -> TaxState:
         d = self._deltas(inp)
         measured = measured_hops(inp.provides)
-        hop_delta = _hop_deltas(d, measured, CUDA in inp.provides)
-        useful_delta = {x: d.socket[x] + d.rdma[x] for x in DIRECTIONS}
+        capable = inp.p2p_gpus | p2p_capable_gpus(inp.gauges)
+        hop_delta = _hop_deltas(d, measured, CUDA in inp.provides, capable)
+        useful_delta = {x: d.useful(x) for x in DIRECTIONS}
         for x in DIRECTIONS:
             self._useful[x] += useful_delta[x]
             for h in HOPS:
@@ -112,19 +157,29 @@ class TaxModel:
 
     def _deltas(self, inp: Inputs) -> _Deltas:
         d = _Deltas()
+        seen = self._seen
         for key, value in inp.counters.items():
             if key[0] not in _ROUTED:
                 continue  # IRQ, softirq, PCIe health...: not bytes of a hop (most series on a big node)
             prev = self._last.get(key)
             self._last[key] = value
+            seen[key] = inp.t
             if prev is None:
                 continue  # first sight of a series is its baseline: pcietax counts from its own start
             delta = value - prev
             if delta <= 0:
                 continue
             fam, labels = key
-            _route(d, fam, dict(labels), delta, inp.p2p_gpus)
+            _route(d, fam, dict(labels), delta)
+        if inp.t - self._pruned_at >= self.forget_after / 4:
+            self._pruned_at = inp.t
+            for key in [k for k, t in seen.items() if inp.t - t > self.forget_after]:
+                del seen[key], self._last[key]
         return d
+
+    def __len__(self) -> int:
+        """Series the model holds state for (bounded under churn)."""
+        return len(self._last)
 
     def _state(self, t: float, measured: dict[str, bool], have_useful: bool) -> TaxState:
         moved_sum = {
@@ -149,12 +204,14 @@ class TaxModel:
         )
 
 
-_ROUTED = frozenset({*NIC, *RDMA, *GPU, SOCKET, CUDA, MEMCPY, UPI})
+_ROUTED = frozenset({*NIC, *IPOIB, *RDMA, *GPU, SOCKET, CUDA, MEMCPY, UPI})
 
 
-def _route(d: _Deltas, fam: str, labels: dict[str, str], delta: float, p2p_gpus: frozenset[str]) -> None:
+def _route(d: _Deltas, fam: str, labels: dict[str, str], delta: float) -> None:
     if fam in NIC:
         d.nic[DIRECTIONS[NIC.index(fam)]] += delta
+    elif fam in IPOIB:
+        d.ipoib[DIRECTIONS[IPOIB.index(fam)]] += delta
     elif fam in RDMA:
         d.rdma[DIRECTIONS[RDMA.index(fam)]] += delta
     elif fam == SOCKET:
@@ -165,6 +222,9 @@ def _route(d: _Deltas, fam: str, labels: dict[str, str], delta: float, p2p_gpus:
         x = _CUDA_DIRECTION.get(labels.get("kind", ""))
         if x is not None:
             d.cuda[x] += delta
+            gpu = labels.get("gpu")
+            if gpu:
+                _add(d.cuda_gpu, (x, gpu), delta)
             if labels.get("memory") == "pageable":
                 d.cuda_pageable[x] += delta
     elif fam == MEMCPY:
@@ -174,19 +234,36 @@ def _route(d: _Deltas, fam: str, labels: dict[str, str], delta: float, p2p_gpus:
     elif fam in GPU:
         x = DIRECTIONS[GPU.index(fam)]
         d.gpu_all[x] += delta
-        if labels.get("pci_bus_id") in p2p_gpus:
-            d.gpu_p2p_capable[x] += delta
+        _add(d.gpu, (x, labels.get("pci_bus_id") or labels.get("gpu", "")), delta)
     elif fam == UPI and labels.get("direction") == "rx":
         # Each crossing is tx on one socket and rx on the other: count it once.
         d.upi += delta
 
 
-def _hop_deltas(d: _Deltas, measured: dict[str, bool], probed: bool) -> dict[HopKey, float]:
+def _p2p(d: _Deltas, x: str, capable: frozenset[str]) -> float:
+    """NIC<->GPU peer-to-peer bytes in direction ``x``, GPU by GPU: a capable GPU's NVML bytes minus
+    its own host copies. Copies whose series name their GPU are its own; the rest are given first to
+    the GPUs that cannot do P2P (all their PCIe traffic is host copies), and only what those cannot
+    hold to the capable GPUs. So one GPUDirect GPU beside one host-staged GPU keeps its P2P bytes
+    instead of having the staged GPU's copies subtracted from them."""
+    headroom: dict[str, float] = {}
+    for (dx, gpu), n in d.gpu.items():
+        if dx == x:
+            headroom[gpu] = max(0.0, n - d.cuda_gpu.get((x, gpu), 0.0))
+    labelled = sum(v for (dx, gpu), v in d.cuda_gpu.items() if dx == x and gpu in headroom)
+    unattributed = max(0.0, d.cuda[x] - labelled)
+    staged = sum(v for g, v in headroom.items() if g not in capable)
+    left = max(0.0, unattributed - staged)
+    return max(0.0, sum(v for g, v in headroom.items() if g in capable) - left)
+
+
+def _hop_deltas(d: _Deltas, measured: dict[str, bool], probed: bool,
+                capable: frozenset[str]) -> dict[HopKey, float]:
     out: dict[HopKey, float] = {}
-    useful = {x: d.socket[x] + d.rdma[x] for x in DIRECTIONS}
+    useful = {x: d.useful(x) for x in DIRECTIONS}
     total_useful = sum(useful.values())
     for x in DIRECTIONS:
-        p2p = max(0.0, d.gpu_p2p_capable[x] - d.cuda[x]) if measured["nic_gpu_p2p"] else 0.0
+        p2p = _p2p(d, x, capable) if measured["nic_gpu_p2p"] else 0.0
         # Probed copies when the CUDA probes run; otherwise every GPU PCIe byte (NVML).
         h2g = d.cuda[x] if probed else d.gpu_all[x]
         out[("nic_dma", x)] = max(0.0, d.nic[x] - p2p)

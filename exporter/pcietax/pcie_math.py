@@ -13,9 +13,10 @@ RATE_GTS = {1: 2.5, 2: 5.0, 3: 8.0, 4: 16.0, 5: 32.0, 6: 64.0}
 WIDTHS = (1, 2, 4, 8, 12, 16, 32)
 MPS_VALUES = (128, 256, 512, 1024, 2048, 4096)
 ENCODING = {1: (8, 10), 2: (8, 10), 3: (128, 130), 4: (128, 130), 5: (128, 130), 6: (242, 256)}
-# The seed's Gen5 x16 table, and the share of link time its last step gives to ACK/NAK and
-# UpdateFC DLLPs (55.8 / 58.1).
-SEED_GEN5_X16 = {"raw": 64.0, "encoded": 63.0, "tlp": 58.1, "usable": 55.8}
+# The commonly quoted Gen5 x16 table, and the share of link time its last step gives to ACK/NAK
+# and UpdateFC DLLPs (55.8 / 58.1).
+QUOTED_GEN5_X16 = {"raw": 64.0, "encoded": 63.0, "tlp": 58.1, "usable": 55.8}
+QUOTED_TABLE = "the commonly quoted table (64.0 \u2192 63.0 \u2192 58.1 \u2192 55.8 GB/s)"
 DEFAULT_FLOW_CONTROL = round(55.8 / 58.1, 4)
 
 
@@ -107,17 +108,17 @@ def ceiling(
     )
 
 
-def seed_differences(c: Ceiling) -> list[str]:
-    """Where the seed's rounded Gen5 x16 table differs from the first-principles value."""
+def quoted_differences(c: Ceiling) -> list[str]:
+    """Where the commonly quoted, rounded Gen5 x16 table differs from the first-principles value."""
     if (c.gen, c.width) != (5, 16):
         return []
     ours = {"raw": c.raw_gbps, "encoded": c.encoded_gbps, "tlp": c.tlp_gbps, "usable": c.usable_gbps}
     notes = []
-    for layer, seed in SEED_GEN5_X16.items():
-        if abs(ours[layer] - seed) >= 0.05:
+    for layer, quoted in QUOTED_GEN5_X16.items():
+        if abs(ours[layer] - quoted) >= 0.05:
             notes.append(
-                f"{layer}: seed {seed:.1f} GB/s, first principles {ours[layer]:.2f} GB/s "
-                f"({(seed / ours[layer] - 1) * 100:+.1f}%)"
+                f"{layer}: quoted {quoted:.1f} GB/s, first principles {ours[layer]:.2f} GB/s "
+                f"({(quoted / ours[layer] - 1) * 100:+.1f}%)"
             )
     return notes
 
@@ -136,7 +137,7 @@ def render_table(c: Ceiling) -> str:
         f"{'usable (DLLP/FC)':<22}{c.usable_gbps:>9.2f}  x {c.flow_control_factor:.4f} for ACK/NAK and "
         "UpdateFC DLLPs",
     ]
-    diffs = seed_differences(c)
+    diffs = quoted_differences(c)
     if diffs:
-        rows += ["", "where the seed's rounded table differs:", *(f"  {d}" for d in diffs)]
+        rows += ["", f"where {QUOTED_TABLE} rounds differently:", *(f"  {d}" for d in diffs)]
     return "\n".join(rows) + "\n"

@@ -6,6 +6,10 @@ switches, each with one GPU and one ConnectX-class NIC behind it (six InfiniBand
 two RoCE NICs), a management NIC, virtual devices, and a /proc/interrupts whose lines look like a
 6.x x86 kernel's: IO-APIC lines, per-CPU named lines, ERR/MIS, and MSI-X vectors of every NIC, GPU
 and NVMe drive, padded to ``irq_lines`` lines.
+
+The ports of switch 0 have readable config space with an ACS capability that redirects nothing, so
+GPU 0 and its NIC (``ibp19s0``) are a GPUDirect-``ready`` PIX pair; every other switch's ports have
+no readable config space (an unprivileged view), so their pairs are blocked on ``unknown_acs``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .fakenode import FakeNode, pcie_config_space
-from .topotree import gpu_resources
+from .topotree import PORT_DOWN, PORT_UP, config_space, gpu_resources
 
 NAMED_IRQS = (
     ("NMI", "Non-maskable interrupts"), ("LOC", "Local timer interrupts"),
@@ -60,9 +64,15 @@ def gpu_node(root: Path, *, ncpu: int = 64, irq_lines: int = 1000, scale: int = 
         root_port = n.add_pci(f"{socket_bus[:5]}{int(socket_bus[5:], 16) + sw % 4 + 1:02x}:01.0", 0x060400,
                               n.root_bus(socket_bus), vendor=0x8086, device=0x352A)
         bus = switch_bus(sw)
-        upstream = n.add_pci(f"0000:{bus:02x}:00.0", 0x060400, root_port, vendor=0x1000, device=0xC030)
-        down_gpu = n.add_pci(f"0000:{bus + 1:02x}:00.0", 0x060400, upstream, vendor=0x1000, device=0xC030)
-        down_nic = n.add_pci(f"0000:{bus + 1:02x}:01.0", 0x060400, upstream, vendor=0x1000, device=0xC030)
+        def port(kind: int, sw: int = sw) -> bytes | None:
+            return config_space(0x1000, 0xC030, 0x060400, port_type=kind, acs_ctrl=0) if sw == 0 else None
+
+        upstream = n.add_pci(f"0000:{bus:02x}:00.0", 0x060400, root_port, vendor=0x1000, device=0xC030,
+                             config=port(PORT_UP))
+        down_gpu = n.add_pci(f"0000:{bus + 1:02x}:00.0", 0x060400, upstream, vendor=0x1000, device=0xC030,
+                             config=port(PORT_DOWN))
+        down_nic = n.add_pci(f"0000:{bus + 1:02x}:01.0", 0x060400, upstream, vendor=0x1000, device=0xC030,
+                             config=port(PORT_DOWN))
         gpu_addr = f"0000:{bus + 2:02x}:00.0"
         nic_addr = f"0000:{bus + 3:02x}:00.0"
         n.add_pci(gpu_addr, 0x030200, down_gpu, vendor=0x10DE, device=0x2330,

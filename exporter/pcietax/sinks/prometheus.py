@@ -17,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, CONTENT_TYPE_
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_1_0_0
 from prometheus_client.registry import Collector
 
-from ..catalog import FAMILIES, Family, family
+from ..catalog import FAMILIES, Family, check_labels, family
 from ..engine import Frame
 from ..sources.base import Labels
 from .samples import frame_rows
@@ -83,6 +83,7 @@ class PcietaxCollector(Collector):
             m = _new(f)
             for labels, value in samples:
                 lv = dict(labels)
+                check_labels(name, lv.items())
                 m.add_metric([lv.get(k, "") for k in f.labels], value)
             yield m
 
@@ -112,6 +113,9 @@ class PcietaxCollector(Collector):
                     continue
                 if hit is None:
                     lv = dict(labels)
+                    # A label the catalog does not list must fail, not vanish from the line: dropped
+                    # labels turn distinct series into duplicates. Checked once per new series.
+                    check_labels(name, lv.items())
                     inner = ",".join(f'{k}="{_escape_value(lv.get(k, ""))}"' for k in sorted(f.labels))
                     prefix = f"{sample_name}{{{inner}}} " if inner else f"{sample_name} "
                 else:

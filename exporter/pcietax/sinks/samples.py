@@ -7,6 +7,7 @@ import platform
 from collections.abc import Iterator, Sequence
 
 from .. import __version__
+from .. import catalog as c
 from ..engine import Frame
 from ..model import DIRECTIONS, HOPS
 from ..sources.base import Labels
@@ -22,28 +23,28 @@ def frame_rows(fr: Frame, source_names: Sequence[str]) -> Iterator[Row]:
     if tax is not None:
         for x in DIRECTIONS:
             if x in tax.useful:
-                yield "pcietax_useful_bytes_total", {"direction": x}, tax.useful[x]
+                yield c.USEFUL_BYTES, {"direction": x}, tax.useful[x]
         for (hop, x), v in tax.moved.items():
-            yield "pcietax_moved_bytes_total", {"hop": hop, "direction": x}, v
+            yield c.MOVED_BYTES, {"hop": hop, "direction": x}, v
         for x, r in tax.ratio.items():
-            yield "pcietax_tax_ratio", {"direction": x}, r
+            yield c.TAX_RATIO, {"direction": x}, r
         for hop in HOPS:
-            yield "pcietax_hop_measured", {"hop": hop}, 1.0 if tax.measured.get(hop) else 0.0
+            yield c.HOP_MEASURED, {"hop": hop}, 1.0 if tax.measured.get(hop) else 0.0
     for (name, labels), v in fr.counters.items():
         yield name, labels, v
     for (name, labels), v in fr.gauges.items():
         yield name, labels, v
     for st in fr.status.values():
         src = {"source": st.name}
-        yield "pcietax_source_up", src, 1.0 if st.up else 0.0
-        yield "pcietax_source_absent", src, 1.0 if st.absent else 0.0
-        yield "pcietax_source_errors_total", src, float(st.errors)
-        yield "pcietax_source_resets_total", src, float(st.resets)
-        yield "pcietax_collect_duration_seconds", src, st.duration
+        yield c.SOURCE_UP, src, 1.0 if st.up else 0.0
+        yield c.SOURCE_ABSENT, src, 1.0 if st.absent else 0.0
+        yield c.SOURCE_ERRORS, src, float(st.errors)
+        yield c.SOURCE_RESETS, src, float(st.resets)
+        yield c.COLLECT_DURATION_SECONDS, src, st.duration
         # Deprecated alias (0.1.0 name; it never measured a scrape): removed in 0.3.0.
-        yield "pcietax_scrape_duration_seconds", src, st.duration
+        yield c.SCRAPE_DURATION_SECONDS, src, st.duration
     yield (
-        "pcietax_build_info",
+        c.BUILD_INFO,
         {"version": __version__, "python": platform.python_version(), "sources": ",".join(source_names)},
         1.0,
     )

@@ -15,28 +15,43 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from ..counters import CounterAbsorber
-from ..fsread import read_int, read_optional_str, read_text
-from .base import Snapshot, SourceUnavailable
-from .pciaddr import pci_of_class_link
+from .. import catalog
+from ..counters import FORGET_AFTER_CYCLES, CounterAbsorber
+from ..fsread import PROCFS_MAX, counter_value, read_optional_str, read_str, read_text
+from .base import Snapshot, SourceAbsent, SourceUnavailable
+from .pciaddr import pci_of_class_entry
 
-RX = "pcietax_nic_receive_bytes_total"
-TX = "pcietax_nic_transmit_bytes_total"
+RX = catalog.NIC_RECEIVE_BYTES
+TX = catalog.NIC_TRANSMIT_BYTES
+IPOIB_RX = catalog.NIC_IPOIB_RECEIVE_BYTES
+IPOIB_TX = catalog.NIC_IPOIB_TRANSMIT_BYTES
+
+# What an RDMA counter reads where the device has no Performance Management Agent (older kernels,
+# iWARP devices): not a number, not a fault; node_exporter skips it the same way.
+NO_PMA = "N/A (no PMA)"
 
 
 def parse_net_dev(text: str, snap: Snapshot, where: str) -> dict[str, tuple[int, int]]:
-    """``/proc/net/dev`` -> iface -> (rx_bytes, tx_bytes); a bad line is a fault, not a failure."""
+    """``/proc/net/dev`` -> iface -> (rx_bytes, tx_bytes); a bad line is a fault, not a failure.
+    A file without its two header lines, or with no interface at all (every namespace has ``lo``),
+    is broken as a whole: SourceUnavailable, so the engine holds every NIC's last counters instead
+    of exporting a node without NICs."""
+    lines = text.splitlines()
+    if len(lines) < 2 or "|" not in lines[0] or "|" not in lines[1]:
+        raise SourceUnavailable(f"{where}: no header (empty or cut file)")
     out: dict[str, tuple[int, int]] = {}
-    for n, line in enumerate(text.splitlines()[2:], start=3):
+    for n, line in enumerate(lines[2:], start=3):
         name, sep, rest = line.partition(":")
         fields = rest.split()
         if not sep or len(fields) < 16:
             snap.fault("truncated line", f"{where}:{n}")
             continue
         try:
-            out[name.strip()] = (int(fields[0]), int(fields[8]))
+            out[name.strip()] = (counter_value(fields[0]), counter_value(fields[8]))
         except ValueError:
             snap.fault("not a number", f"{where}:{n}")
+    if not out:
+        raise SourceUnavailable(f"{where}: no interface readable")
     return out
 
 
@@ -53,9 +68,27 @@ class NetdevSource:
         path = self._procfs / "net/dev"
         if not os.access(path, os.R_OK):
             raise SourceUnavailable(f"cannot read {path}")
+        if not self._nics and not any(self._physical().values()) and not self._rdma_nics():
+            raise SourceAbsent(f"no physical NIC under {self._sysfs / 'class/net'} (only virtual netdevs)")
+
+    def _rdma_nics(self) -> bool:
+        base = os.path.join(self._sysfs, "class/infiniband")
+        try:
+            return any(pci_of_class_entry(os.path.join(base, d)) for d in os.listdir(base))
+        except OSError:
+            return False
 
     def close(self) -> None:
         pass
+
+    def _physical(self) -> dict[str, str]:
+        """iface -> PCI function of every netdev in sysfs ("" for a virtual one)."""
+        net = os.path.join(self._sysfs, "class/net")
+        try:
+            names = os.listdir(net)
+        except OSError:
+            return {}
+        return {n: pci_of_class_entry(os.path.join(net, n)) for n in names}
 
     def _selected(self, iface: str, pci: str) -> bool:
         if self._nics:
@@ -64,27 +97,32 @@ class NetdevSource:
         return bool(pci)  # default: physical NICs only (no lo, bridges, veth, tunnels)
 
     def read(self) -> Snapshot:
-        snap = Snapshot(provides=frozenset({RX, TX}))
+        snap = Snapshot(provides=frozenset({RX, TX, IPOIB_RX, IPOIB_TX}))
         where = str(self._procfs / "net/dev")
         try:
-            stats = parse_net_dev(read_text(where), snap, where)
+            stats = parse_net_dev(read_text(where, PROCFS_MAX), snap, where)
         except (OSError, UnicodeDecodeError) as e:
             raise SourceUnavailable(f"cannot read {where}: {e}") from e
         rdma, broken = _rdma_by_pci(self._sysfs, snap)
-        counted: set[str] = set()
-        for iface, netdev in sorted(stats.items()):
-            pci = pci_of_class_link(os.path.join(self._sysfs, "class/net", iface))
+        sysfs_pci = self._physical()
+        with_netdev = {pci for pci in sysfs_pci.values() if pci}
+        for iface in sorted(set(stats) | {i for i, p in sysfs_pci.items() if p}):
+            pci = sysfs_pci.get(iface, "")
             if not self._selected(iface, pci):
                 continue
-            if pci:
-                counted.add(pci)
+            netdev = stats.get(iface)
+            if netdev is None and not self._totals.known(iface):
+                continue  # in sysfs, not (yet) in /proc/net/dev: nothing to count from
+            # A netdev whose /proc/net/dev line is bad this read keeps its last bytes (held).
             self._emit(snap, iface, pci, netdev, rdma.get(pci, []) if pci else [], pci in broken)
-        # An RDMA NIC with no netdev (an InfiniBand HCA without IPoIB) still moves bytes: count it
-        # under its RDMA device name.
+        # An RDMA NIC with no netdev at all (an InfiniBand HCA without IPoIB) still moves bytes:
+        # count it under its RDMA device name. Only when sysfs has no netdev for it: a netdev
+        # missing from a bad /proc/net/dev must not rename the NIC.
         for pci, ports in sorted(rdma.items()):
             name = ports[0].device
-            if pci not in counted and self._selected(name, pci):
+            if pci not in with_netdev and self._selected(name, pci):
                 self._emit(snap, name, pci, None, ports, pci in broken)
+        self._totals.end_read()
         return snap
 
     def _emit(self, snap: Snapshot, nic: str, pci: str, netdev: tuple[int, int] | None,
@@ -98,6 +136,12 @@ class NetdevSource:
         snap.resets += self._totals.absorbed() - before
         snap.counter(RX, rx, nic=nic, pci_bus_id=pci)
         snap.counter(TX, tx, nic=nic, pci_bus_id=pci)
+        ipoib = self._totals.ipoib(nic)
+        if ipoib is not None:
+            # The IPoIB netdev's bytes, already inside the port bytes above: the model takes them
+            # off the RDMA port bytes so TCP over IPoIB is not useful payload twice.
+            snap.counter(IPOIB_RX, ipoib[0], nic=nic, pci_bus_id=pci)
+            snap.counter(IPOIB_TX, ipoib[1], nic=nic, pci_bus_id=pci)
 
 
 class _Port(NamedTuple):
@@ -121,14 +165,42 @@ class _NicTotals:
     bytes only (the IPoIB netdev's traffic is inside them); a NIC stays InfiniBand while its ports
     are gone."""
 
-    def __init__(self) -> None:
-        self._absorber = CounterAbsorber()
+    def __init__(self, forget_after: int = FORGET_AFTER_CYCLES) -> None:
+        self._absorber = CounterAbsorber(forget_after)
         self._parts: dict[str, set[str]] = {}
         self._base: dict[tuple[str, str, int], float] = {}
         self._infiniband: dict[str, bool] = {}
+        self._seen: dict[str, int] = {}
+        self._reads = 0
+        self._forget_after = forget_after
 
     def known(self, nic: str) -> bool:
         return nic in self._parts
+
+    def ipoib(self, nic: str) -> tuple[float, float] | None:
+        """An InfiniBand NIC's IPoIB netdev bytes (monotonic), or None for any other NIC."""
+        if not self._infiniband.get(nic) or "netdev" not in self._parts.get(nic, ()):
+            return None
+        vals = [self._absorber.value((nic, "netdev", i)) for i in (0, 1)]
+        if vals[0] is None or vals[1] is None:
+            return None
+        return (vals[0] - self._base.get((nic, "netdev", 0), 0.0),
+                vals[1] - self._base.get((nic, "netdev", 1), 0.0))
+
+    def end_read(self) -> None:
+        """Forget NICs not seen for a while (SR-IOV VFs per pod come and go): their parts, bases
+        and absorber state. One that returns starts over, as a new series."""
+        self._reads += 1
+        self._absorber.end_cycle()
+        if self._reads % max(1, self._forget_after // 4):
+            return
+        for nic in [n for n, r in self._seen.items() if r < self._reads - self._forget_after]:
+            for part in self._parts.pop(nic, ()):
+                for i in (0, 1):
+                    self._absorber.forget((nic, part, i))
+                    self._base.pop((nic, part, i), None)
+            self._infiniband.pop(nic, None)
+            del self._seen[nic]
 
     def absorbed(self) -> int:
         """Wraps and resets of parts absorbed so far (each direction counts)."""
@@ -136,6 +208,7 @@ class _NicTotals:
 
     def update(self, nic: str, netdev: tuple[int, int] | None, ports: list[_Port]) -> tuple[float, float]:
         first = nic not in self._parts
+        self._seen[nic] = self._reads
         parts = self._parts.setdefault(nic, set())
         if ports:
             self._infiniband[nic] = all(p.link_layer == "InfiniBand" for p in ports)
@@ -159,39 +232,58 @@ class _NicTotals:
         return out[0], out[1]
 
 
-def _rdma_by_pci(sysfs: Path, snap: Snapshot) -> tuple[dict[str, list[_Port]], set[str]]:
+def _rdma_by_pci(sysfs: str | os.PathLike[str], snap: Snapshot) -> tuple[dict[str, list[_Port]], set[str]]:
     """PCI function -> its RDMA ports, and the PCI functions with a port whose counters could not
-    be read."""
+    be read. A port without data counters (SR-IOV VF) or whose counters read ``N/A (no PMA)`` is
+    simply not a part of its NIC: quietly absent, and the NIC's netdev bytes still count."""
     out: dict[str, list[_Port]] = {}
     broken: set[str] = set()
-    base = sysfs / "class/infiniband"
+    base = os.path.join(sysfs, "class/infiniband")
     try:
         devices = sorted(os.listdir(base))
     except OSError:
         return out, broken
     for dev in devices:
-        pci = pci_of_class_link(base / dev)
+        # Plain string paths: pathlib's joins were most of a read with eight HCAs.
+        entry = os.path.join(base, dev)
+        pci = pci_of_class_entry(entry)
         if not pci:
             continue
-        for port, counters in _ports(base / dev, snap):
-            ll = read_optional_str(base / dev / "ports" / port / "link_layer") or "InfiniBand"
+        for port, counters in _ports(entry, snap):
+            ll = read_optional_str(f"{entry}/ports/{port}/link_layer") or "InfiniBand"
             try:
-                rx = read_int(counters / "port_rcv_data") * 4
-                tx = read_int(counters / "port_xmit_data") * 4
+                rx = port_bytes(counters + "/port_rcv_data")
+                tx = port_bytes(counters + "/port_xmit_data")
             except FileNotFoundError:
                 continue  # a port without data counters (SR-IOV VF), as the rdma source treats it
             except (OSError, ValueError, UnicodeDecodeError) as e:
                 snap.fault("unreadable RDMA counter", e)
                 broken.add(pci)
                 continue
+            if rx is None or tx is None:
+                continue
             out.setdefault(pci, []).append(_Port(ll, rx, tx, dev, port))
     return out, broken
 
 
-def _ports(dev: Path, snap: Snapshot) -> list[tuple[str, Path]]:
+def port_bytes(path: str | os.PathLike[str]) -> int | None:
+    """An RDMA port data counter in bytes (the file counts 4-byte words); None where the device
+    has no PMA to count with. Raises OSError/ValueError for anything else unreadable."""
+    text = read_str(path)
+    if text == NO_PMA:
+        return None
     try:
-        ports = sorted(os.listdir(dev / "ports"), key=lambda p: (len(p), p))
+        return counter_value(text) * 4
+    except ValueError:
+        raise ValueError(f"not a counter: {text[:40]!r} in {path}") from None
+
+
+def _ports(dev: str | os.PathLike[str], snap: Snapshot) -> list[tuple[str, str]]:
+    """(port, its counters directory) of an RDMA device, ports in numeric order."""
+    ports_dir = os.path.join(dev, "ports")
+    try:
+        ports = sorted(os.listdir(ports_dir), key=lambda p: (len(p), p))
     except OSError as e:
         snap.fault("cannot list RDMA ports", e)
         return []
-    return [(p, dev / "ports" / p / "counters") for p in ports]
+    return [(p, f"{ports_dir}/{p}/counters") for p in ports]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import catalog
 from ..pcie_config import read_max_payload_size
 from ..pcie_math import RATE_GTS, ceiling
 from . import nvml_binding as nv
@@ -39,9 +40,9 @@ from .pcie import CEILING, CORRECTABLE, DEFAULT_MPS, REPLAY, SPEED, WIDTH
 
 log = logging.getLogger("pcietax")
 
-RX = "pcietax_gpu_pcie_receive_bytes_total"
-TX = "pcietax_gpu_pcie_transmit_bytes_total"
-INFO = "pcietax_gpu_info"
+RX = catalog.GPU_PCIE_RECEIVE_BYTES
+TX = catalog.GPU_PCIE_TRANSMIT_BYTES
+INFO = catalog.GPU_INFO
 
 PATH_FIELD = "field"
 PATH_GPM = "gpm"
@@ -296,7 +297,7 @@ class NvmlSource:
                     if CORRECTABLE in r.counters:
                         provides.add(CORRECTABLE)
             self._emit_held(g, snap)
-            snap.gauge(INFO, 1, gpu=g.index, pci_bus_id=g.pci_bus_id, uuid=g.uuid, name=g.name,
+            snap.gauge(INFO, 1, gpu=g.pci_bus_id, pci_bus_id=g.pci_bus_id, uuid=g.uuid, name=g.name,
                        numa_node=g.numa_node, counter_path=g.path)
         snap.provides = frozenset(provides)
         return snap
@@ -334,7 +335,7 @@ class NvmlSource:
         true totals, and a series that blinks out breaks rate() for everyone."""
         for fam, (value, bits) in g.held.items():
             if fam in (RX, TX):
-                snap.counter(fam, value, bits, gpu=g.index, pci_bus_id=g.pci_bus_id, uuid=g.uuid)
+                snap.counter(fam, value, bits, gpu=g.pci_bus_id, pci_bus_id=g.pci_bus_id, uuid=g.uuid)
             else:
                 snap.counter(fam, value, bits, pci_bus_id=g.pci_bus_id, device_kind="gpu")
 
@@ -467,11 +468,12 @@ def gpu_counter_paths(snap: Snapshot) -> dict[str, str]:
     return out
 
 
-def gpu_bytes(snap: Snapshot, index: int) -> tuple[float, float] | None:
-    """(rx, tx) raw byte counters of GPU ``index`` in a snapshot, or None when it has none."""
+def gpu_bytes(snap: Snapshot, gpu: str) -> tuple[float, float] | None:
+    """(rx, tx) raw byte counters of GPU ``gpu`` (its PCI address, the ``gpu`` label) in a
+    snapshot, or None when it has none."""
     vals: dict[str, float] = {}
     for s in snap.counters:
-        if s.family in (RX, TX) and dict(s.labels).get("gpu") == str(index):
+        if s.family in (RX, TX) and dict(s.labels).get("gpu") == gpu:
             vals[s.family] = s.value
     return (vals[RX], vals[TX]) if len(vals) == 2 else None
 

@@ -50,3 +50,20 @@ def pci_of_class_link(class_link: str | os.PathLike[str]) -> str:
         if PCI_ADDR.match(part):
             return part
     return ""
+
+
+def pci_of_class_entry(entry: str | os.PathLike[str]) -> str:
+    """The PCI function of a ``/sys/class/<class>/<name>`` entry in any of the layouts found in
+    the wild: the kernel's own (the entry is a link into ``devices/``), or a directory holding a
+    ``device`` link (sysfs copies, some container views, the prometheus/procfs fixtures). Both the
+    netdev source and the topology walk use this one helper; "" for a virtual device."""
+    try:
+        target = os.readlink(entry)
+    except OSError:
+        # Not a link (a directory): the layout with a device link inside, if any.
+        device = os.path.join(entry, "device")
+        return pci_of_device_link(device) if os.path.lexists(device) else ""
+    for part in reversed(target.split("/")):
+        if PCI_ADDR.match(part):
+            return part
+    return ""

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..fsread import read_int
-from .base import Snapshot, SourceUnavailable
-from .netdev import _ports
+from .. import catalog
+from .base import Snapshot, SourceAbsent, SourceUnavailable
+from .netdev import _ports, port_bytes
 
-RX = "pcietax_rdma_port_receive_bytes_total"
-TX = "pcietax_rdma_port_transmit_bytes_total"
+RX = catalog.RDMA_PORT_RECEIVE_BYTES
+TX = catalog.RDMA_PORT_TRANSMIT_BYTES
 
 # The 32-bit legacy port counters saturate instead of wrapping; the kernel serves the 64-bit
 # extended ones through the same files where the device has them, which is every device since
@@ -26,8 +26,15 @@ class RdmaSource:
         self._base = Path(sysfs) / "class/infiniband"
 
     def start(self) -> None:
-        if not self._base.is_dir():
-            raise SourceUnavailable(f"no RDMA devices ({self._base} missing)")
+        # No RDMA class at all, or an empty one (ib_core loaded, no HCA): no such hardware here.
+        try:
+            devices = os.listdir(self._base)
+        except FileNotFoundError:
+            raise SourceAbsent(f"no RDMA devices ({self._base} missing)") from None
+        except OSError as e:
+            raise SourceUnavailable(f"cannot list {self._base}: {e}") from e
+        if not devices:
+            raise SourceAbsent(f"no RDMA devices ({self._base} is empty)")
 
     def close(self) -> None:
         pass
@@ -41,11 +48,14 @@ class RdmaSource:
         for dev in devices:
             for port, counters in _ports(self._base / dev, snap):
                 for fam, fname in ((RX, "port_rcv_data"), (TX, "port_xmit_data")):
-                    path = counters / fname
+                    path = f"{counters}/{fname}"
                     try:
-                        snap.counter(fam, read_int(path) * 4, device=dev, port=port)
+                        value = port_bytes(path)
                     except FileNotFoundError:
                         continue  # some ports (e.g. SR-IOV VFs) have no data counters
                     except (OSError, ValueError, UnicodeDecodeError) as e:
                         snap.fault("unreadable RDMA counter", e if str(path) in str(e) else f"{path}: {e}")
+                        continue
+                    if value is not None:  # None: "N/A (no PMA)", quietly absent as node_exporter has it
+                        snap.counter(fam, value, device=dev, port=port)
         return snap

@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import catalog
 from ..topology import SysfsReader, TopologyUnavailable, discover
 from ..topology.paths import Pair
-from .base import Snapshot, SourceUnavailable
+from .base import Snapshot, SourceAbsent, SourceUnavailable
 
-PATH_INFO = "pcietax_gpu_nic_path_info"
-BEST_NIC = "pcietax_gpu_best_nic_info"
+PATH_INFO = catalog.GPU_NIC_PATH_INFO
+BEST_NIC = catalog.GPU_BEST_NIC_INFO
 DEFAULT_REFRESH = 60.0
 
 
@@ -45,7 +46,7 @@ class TopologySource:
     def start(self) -> None:
         bus = self._sysfs / "bus/pci/devices"
         if not bus.is_dir():
-            raise SourceUnavailable(f"no PCI bus ({bus} missing)")
+            raise SourceAbsent(f"no PCI bus ({bus} missing)")
 
     def close(self) -> None:
         self._last = None

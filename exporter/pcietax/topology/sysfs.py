@@ -15,15 +15,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..pciclass import classify
 from ..pcie_config import Acs, Config
-from ..sources.pciaddr import PCI_ADDR, pci_of_device_link
+from ..sources.pciaddr import PCI_ADDR, pci_of_class_entry
 
 HOST_BRIDGE = re.compile(r"^pci[0-9a-f]{4,8}:[0-9a-f]{2}$")
 CONFIG_MAX = 4096
-
-# Display-class functions that are board management or virtual consoles, never compute GPUs: the
-# BMC's ASPEED VGA on almost every server, Matrox G200 (iLO/iDRAC), and VM display adapters.
-CONSOLE_VGA_VENDORS = frozenset({0x1A03, 0x102B, 0x1234, 0x1AF4, 0x1013, 0x15AD, 0x1414})
 
 # IORESOURCE flags in sysfs ``resource`` (include/linux/ioport.h).
 IORESOURCE_MEM = 0x200
@@ -127,17 +124,6 @@ class Tree:
 
 class TopologyUnavailable(Exception):
     """The sysfs root has no PCI bus at all (wrong --path.sysfs, or a container without /sys)."""
-
-
-def classify(pci_class: int, vendor: int | None) -> str:
-    base, sub = pci_class >> 16, (pci_class >> 8) & 0xFF
-    if base == 0x03:
-        return "other" if vendor in CONSOLE_VGA_VENDORS else "gpu"
-    if base == 0x02:
-        return "nic"
-    if base == 0x06 and sub == 0x04:
-        return "bridge"
-    return "other"
 
 
 def read_tree(sysfs: str | os.PathLike[str], reader: SysfsReader | None = None) -> Tree:
@@ -311,7 +297,8 @@ def _read_bars(r: SysfsReader, real: Path, dev: PciDev) -> None:
 
 def _attach_names(r: SysfsReader, root: Path, tree: Tree) -> None:
     """netdev and RDMA names of each NIC function, from /sys/class (they may sit below a child
-    device such as virtio, so resolve each class entry's device link to its PCI function)."""
+    device such as virtio; the entry may be the kernel's link or a directory with a ``device``
+    link): the same helper as the netdev source, so both name the same NICs."""
     for cls, attr in (("net", "netdevs"), ("infiniband", "rdma")):
         try:
             names = sorted(r.listdir(root / "class" / cls))
@@ -319,7 +306,7 @@ def _attach_names(r: SysfsReader, root: Path, tree: Tree) -> None:
             continue
         found: dict[str, list[str]] = {}
         for n in names:
-            pci = pci_of_device_link(root / "class" / cls / n / "device")
+            pci = pci_of_class_entry(root / "class" / cls / n)
             if pci in tree.devices:
                 found.setdefault(pci, []).append(n)
         for pci, ns in found.items():

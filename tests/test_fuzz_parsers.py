@@ -1,0 +1,103 @@
+"""Hypothesis fuzzing of every parser of kernel text the host sources own (issue 13 item 10): no
+input, however hostile (huge numbers, non-ASCII, cut lines), raises anything but the documented
+SourceUnavailable for a broken file; bad lines become faults. Each test is bounded in time."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pcietax.fsread import counter_value
+from pcietax.sources.base import Snapshot, SourceUnavailable
+from pcietax.sources.netdev import parse_net_dev
+from pcietax.sources.pcie import parse_aer
+from pcietax.sources.procfs import irq_name, parse_interrupts, parse_softirqs, parse_stat
+
+FUZZ = settings(max_examples=300, deadline=200, suppress_health_check=[HealthCheck.too_slow])
+
+# Text that looks like the kernel's: digits (some of them 400 long), words, colons, newlines,
+# odd bytes decoded the way the sources decode them.
+_atoms = st.one_of(
+    st.from_regex(r"[0-9]{1,3}", fullmatch=True), st.from_regex(r"[0-9]{19,400}", fullmatch=True),
+    st.sampled_from(["CPU0", "CPU1", ":", " ", "   ", "\n", "ERR:", "Err:", "MIS:", "IO-APIC", "2-edge",
+                     "Level", "cpu ", "cpu0", "|", "eth0:", "-", "N/A", "\ufffd", "\t", "-1", "1e308"]),
+    st.text(max_size=8))
+kernelish = st.lists(_atoms, max_size=80).map("".join)
+HEADERED = st.tuples(st.sampled_from(["           CPU0       CPU1\n", "CPU0\n", ""]), kernelish).map(
+    lambda t: t[0] + t[1])
+
+
+def _ok_or_broken(fn) -> None:
+    with contextlib.suppress(SourceUnavailable):  # the documented "broken file" outcome
+        fn()
+
+
+@FUZZ
+@given(HEADERED)
+def test_parse_interrupts_never_raises(text):
+    snap = Snapshot()
+    _ok_or_broken(lambda: parse_interrupts(text, snap, "interrupts"))
+    for s in snap.counters:
+        assert s.value >= 0 and s.value < 2**64 * 1e4
+
+
+@FUZZ
+@given(HEADERED)
+def test_parse_interrupts_incremental_never_raises(text):
+    snap = Snapshot()
+    try:
+        last = parse_interrupts("           CPU0       CPU1\n  1:  5  6  IO-APIC 1-edge i8042\n", snap, "x")
+        parse_interrupts(text, Snapshot(), "x", last)
+    except SourceUnavailable:
+        pass
+
+
+@FUZZ
+@given(HEADERED)
+def test_parse_softirqs_never_raises(text):
+    _ok_or_broken(lambda: parse_softirqs(text, Snapshot(), "softirqs"))
+
+
+@FUZZ
+@given(kernelish)
+def test_parse_stat_never_raises(text):
+    _ok_or_broken(lambda: parse_stat(text, Snapshot(), "stat", 100.0))
+
+
+@FUZZ
+@given(st.tuples(st.just("Inter-|   Receive\n face |bytes\n"), kernelish).map("".join) | kernelish)
+def test_parse_net_dev_never_raises(text):
+    _ok_or_broken(lambda: parse_net_dev(text, Snapshot(), "net/dev"))
+
+
+@FUZZ
+@given(kernelish)
+def test_parse_aer_raises_only_value_error(text):
+    with contextlib.suppress(ValueError):  # the pcie source turns it into a fault
+        parse_aer(text)
+
+
+@FUZZ
+@given(st.text(max_size=30), kernelish)
+def test_irq_name_never_raises_and_has_no_control_characters(irq, text):
+    name = irq_name(irq, text)
+    assert not any(ord(c) < 0x20 for c in name)
+
+
+@FUZZ
+@given(st.text(max_size=450))
+def test_counter_value_is_a_64_bit_counter_or_value_error(text):
+    try:
+        v = counter_value(text)
+    except ValueError:
+        return
+    assert 0 <= v < 2**64
+
+
+@pytest.mark.parametrize("digits", [21, 309, 400, 5000])
+def test_counter_value_refuses_long_numbers(digits):
+    with pytest.raises(ValueError):
+        counter_value("9" * digits)
