@@ -71,25 +71,34 @@ FAMILIES: dict[str, Family] = {
         _F("pcietax_rdma_port_transmit_bytes_total", "counter", ("device", "port"),
            "RDMA port data transmitted (port_xmit_data x 4).", "rdma"),
         # --- eBPF ----------------------------------------------------------------------------
-        _F("pcietax_cuda_copy_bytes_total", "counter", ("kind", "memory", "process"),
-           "Bytes of CUDA host<->device copies seen by uprobes (estimated, scaled by the duty cycle, "
-           "under --cuda.probes sampled; exact under always).", "ebpf"),
-        _F("pcietax_cuda_copy_calls_total", "counter", ("kind", "memory", "process"),
-           "CUDA host<->device copy calls seen by uprobes (estimated, scaled by the duty cycle, "
-           "under --cuda.probes sampled; exact under always).", "ebpf"),
-        _F("pcietax_memcpy_bytes_total", "counter", ("direction", "process"),
+        _F("pcietax_cuda_copy_bytes_total", "counter",
+           ("kind", "memory", "process", "namespace", "pod", "container"),
+           "Bytes of CUDA host<->device copies seen by uprobes. Under --cuda.probes sampled (the "
+           "default) a scaled estimate: counts from the windows the --probe.budget governor keeps "
+           "the probes on, times (elapsed / time on); exact under always.", "ebpf"),
+        _F("pcietax_cuda_copy_calls_total", "counter",
+           ("kind", "memory", "process", "namespace", "pod", "container"),
+           "CUDA host<->device copy calls seen by uprobes; a scaled estimate under --cuda.probes "
+           "sampled (see pcietax_cuda_copy_bytes_total), exact under always.", "ebpf"),
+        _F("pcietax_memcpy_bytes_total", "counter",
+           ("direction", "process", "namespace", "pod", "container"),
            "Bytes glibc memcpy copied into (ingress) or out of (egress) pinned buffers, from the "
            "opt-in --memcpy.probe uprobe.", "ebpf"),
-        _F("pcietax_socket_copy_bytes_total", "counter", ("direction", "process"),
-           "Socket payload copied between kernel and user space for target processes.", "ebpf"),
+        _F("pcietax_socket_copy_bytes_total", "counter",
+           ("direction", "process", "namespace", "pod", "container"),
+           "Socket payload (AF_INET/AF_INET6 only; loopback only with --nic lo) copied between kernel "
+           "and user space for target processes; a scaled estimate while the --probe.budget governor "
+           "duty-cycles the socket probes (exact while they stay on).", "ebpf"),
         _F("pcietax_hardirq_total", "counter", ("irq", "name"),
            "Hard interrupts per IRQ line, summed over CPUs (/proc/interrupts).", "procfs"),
         _F("pcietax_hardirq_seconds_total", "counter", ("irq", "name"),
-           "CPU time in hard interrupt handlers per IRQ line (eBPF).", "ebpf"),
+           "CPU time in hard interrupt handlers per IRQ line (eBPF; a scaled estimate while the "
+           "--probe.budget governor duty-cycles the IRQ probes).", "ebpf"),
         _F("pcietax_softirq_total", "counter", ("vector",),
            "Softirqs raised per vector, summed over CPUs (/proc/softirqs).", "procfs"),
         _F("pcietax_softirq_seconds_total", "counter", ("vector",),
-           "CPU time in softirq handlers per vector (eBPF).", "ebpf"),
+           "CPU time in softirq handlers per vector (eBPF; a scaled estimate while the "
+           "--probe.budget governor duty-cycles the IRQ probes).", "ebpf"),
         _F("pcietax_staging_cpu_seconds_total", "counter", ("kind",),
            "CPU time spent staging network data: kind=hardirq/softirq_net_rx/softirq_net_tx (eBPF) "
            "or irq_coarse/softirq_coarse (all IRQ and softirq time from /proc/stat).", "procfs"),
@@ -123,8 +132,14 @@ FAMILIES: dict[str, Family] = {
            "Counter wraps and resets of the source absorbed so exported counters never go back.", "self"),
         _F("pcietax_probe_hits_total", "counter", ("probe",),
            "Events traced by each of the exporter's probes.", "ebpf"),
-        _F("pcietax_probe_overhead_seconds_total", "counter", ("probe",),
-           "CPU time the exporter's probes cost the traced processes.", "ebpf"),
+        _F("pcietax_probe_overhead_seconds_total", "counter", ("probe", "cost"),
+           "CPU time the exporter's probes cost: cost=bpf_run_time (the kernel's bpf_stats), "
+           "trap_push / trap_step (uprobe hits x the trap cost calibrated at start for emulated and "
+           "single-stepped probe sites), tracepoint_dispatch (hits x calibrated dispatch), "
+           "run_time_estimate (hits x a fixed per-hit cost where the kernel does not count).", "ebpf"),
+        _F("pcietax_probe_drops_total", "counter", ("reason",),
+           "Kernel-side updates the tracer could not make (a full per-process map, a full pinned-"
+           "range table, an unresolvable cudaMemcpyDefault): counts short by these events.", "ebpf"),
         _F("pcietax_collect_duration_seconds", "gauge", ("source",),
            "Seconds the source took in the last background collection cycle (not a scrape: scrapes "
            "render the latest cycle).", "self"),
