@@ -60,6 +60,7 @@ class Governor:
     budget: float
     period: float = 10.0
     order: tuple[str, ...] = ()
+    min_duty: float = 0.02
     groups: dict[str, GroupState] = field(default_factory=dict)
     period_start: float = 0.0
 
@@ -79,7 +80,8 @@ class Governor:
 
     def replan(self) -> None:
         pinned = {g for g, s in self.groups.items() if s.pinned_on}
-        d = plan(self.budget, {g: s.cost_rate for g, s in self.groups.items()}, self.order, pinned)
+        d = plan(self.budget, {g: s.cost_rate for g, s in self.groups.items()}, self.order, pinned,
+                 self.min_duty)
         for g, s in self.groups.items():
             s.duty = d[g]
 

@@ -97,6 +97,7 @@ class EbpfSource:
         top_n: int = 20,
         probe_budget: float = DEFAULT_BUDGET,
         budget_period: float = 10.0,
+        min_duty: float = 0.02,
         calibrate: bool = True,
         max_procs: int = 10240,
         bpf_module: Any = None,
@@ -123,6 +124,7 @@ class EbpfSource:
         self._top_n = top_n
         self._budget = probe_budget
         self._period = budget_period
+        self._min_duty = min_duty
         self._calibrate = calibrate
         self._max_procs = max_procs
         self._bpf_module = bpf_module
@@ -262,7 +264,7 @@ class EbpfSource:
             self._set_tracepoints("follow", True)
         pinned = {"cuda_copy"} if self._mode == "always" else set()
         groups = ("socket", "cuda_copy", "irq") if self._cuda and self._mode != "off" else ("socket", "irq")
-        self._governor = Governor(self._budget, self._period, groups)
+        self._governor = Governor(self._budget, self._period, groups, min_duty=self._min_duty)
         self._governor.start(time.monotonic(), pinned)
         self._set_tracepoints("socket" if self._sock_length else "socket_fallback", True)
         self._set_tracepoints("irq", True)
@@ -335,6 +337,8 @@ class EbpfSource:
                     if self._b is None or self._governor is None:
                         return
                     now = time.monotonic()
+                    if now - self._governor.period_start >= self._governor.period:
+                        self._observe_costs(now)  # the costs the coming period is planned from
                     for g, on in self._governor.wanted(now).items():
                         st = self._governor.groups[g]
                         if on != st.on:
@@ -454,7 +458,7 @@ class EbpfSource:
                 self._fold_table(b"memcpy_bytes", "memcpy", 1.0)
             self._emit_per_process(snap)
             self._emit_irqs(snap)
-            self._read_hits(snap, now)
+            self._read_hits(snap)
             self._cleanup_dead(folded)
             return snap
 
@@ -683,12 +687,11 @@ class EbpfSource:
             total += st[0]
         return total / 1e9
 
-    def _read_hits(self, snap: Snapshot, now: float) -> None:
+    def _read_hits(self, snap: Snapshot) -> None:
         """Hits per probe and site kind; cost = the kernel's run time (bpf_stats) + hits x the
         calibrated trap of the site kind, each under its own ``cost`` label. Accumulated by delta,
         so nothing ever goes back."""
         hits = self._b[b"hits"]
-        group_cost: dict[str, float] = {}
         for probe in defs.PROBES:
             sites = defs.SITES if probe in defs.UPROBES else ("push",)
             rt = self._run_time_s(probe)
@@ -702,30 +705,45 @@ class EbpfSource:
                 cost_label = f"trap_{site}" if probe in defs.UPROBES else "tracepoint_dispatch"
                 c = dn * self._calib.trap_s[trap_kind]
                 self._overhead[(probe, cost_label)] = self._overhead.get((probe, cost_label), 0.0) + c
-                group_cost[probe] = group_cost.get(probe, 0.0) + c
                 if dn and rt is None:
                     est = dn * selfcost.DEFAULT_RUN_S
                     self._overhead[(probe, "run_time_estimate")] = (
                         self._overhead.get((probe, "run_time_estimate"), 0.0) + est)
-                    group_cost[probe] += est
             if rt is not None:
                 last = self._last_rt.get(probe)
                 if last is not None and rt >= last:
                     self._overhead[(probe, "bpf_run_time")] = (
                         self._overhead.get((probe, "bpf_run_time"), 0.0) + rt - last)
-                    group_cost[probe] = group_cost.get(probe, 0.0) + rt - last
                 self._last_rt[probe] = rt
             snap.counter(HITS, n_total, probe=probe)
         for (probe, cost), v in sorted(self._overhead.items()):
             snap.counter(OVERHEAD, v, probe=probe, cost=cost)
+
+    def _group_costs(self) -> dict[str, float]:
+        """Cumulative cost per probe group: kernel run time + hits x calibrated trap per site."""
+        hits = self._b[b"hits"]
+        out: dict[str, float] = {}
+        for g, probes in defs.GROUP_PROBES.items():
+            total = 0.0
+            for probe in probes:
+                rt = self._run_time_s(probe)
+                for site in (defs.SITES if probe in defs.UPROBES else ("push",)):
+                    n = float(sum(hits[ctypes.c_int(defs.hit_index(probe, site))]))
+                    trap = self._calib.trap_s[site if probe in defs.UPROBES else "tracepoint"]
+                    total += n * (trap + (selfcost.DEFAULT_RUN_S if rt is None else 0.0))
+                total += rt or 0.0
+            out[g] = total
+        return out
+
+    def _observe_costs(self, now: float) -> None:
         gov = self._governor
         assert gov is not None
+        costs = self._group_costs()
         for g, st in gov.groups.items():
-            c = sum(group_cost.get(p, 0.0) for p in defs.GROUP_PROBES[g])
             on = st.total_on(now)
             last_c, last_on = self._group_cost_seen.get(g, (0.0, 0.0))
-            self._group_cost_seen[g] = (last_c + c, on)
-            gov.observe(g, c, on - last_on)
+            self._group_cost_seen[g] = (costs.get(g, 0.0), on)
+            gov.observe(g, costs.get(g, 0.0) - last_c, on - last_on)
 
     def _cleanup_dead(self, folded: set[str]) -> None:
         """Drop map entries of exited processes once their last counts are folded."""
