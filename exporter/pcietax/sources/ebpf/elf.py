@@ -39,15 +39,18 @@ def functions(path: str, wanted: set[str] | None = None) -> dict[str, Function]:
         except ValueError as e:  # an empty file
             raise ElfError(f"{path}: not an ELF file ({e})") from e
     with data:
-        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        if data[:6] != b"\x7fELF\x02\x01" or len(data) < 64:
             raise ElfError(f"{path}: not a 64-bit little-endian ELF file")
         try:
-            return _functions(data, wanted)
-        except (struct.error, IndexError, ValueError) as e:
+            out = _functions(data, wanted)
+        except (struct.error, IndexError, ValueError, OverflowError) as e:
             raise ElfError(f"{path}: truncated or malformed ELF ({e})") from e
+        if out is None:
+            raise ElfError(f"{path}: no symbol table")
+        return out
 
 
-def _functions(data: mmap.mmap, wanted: set[str] | None) -> dict[str, Function]:
+def _functions(data: mmap.mmap, wanted: set[str] | None) -> dict[str, Function] | None:
     e_phoff, e_shoff = struct.unpack_from("<QQ", data, 0x20)
     e_phentsize, e_phnum, e_shentsize, e_shnum = struct.unpack_from("<HHHH", data, 0x36)
     loads = []
@@ -58,9 +61,11 @@ def _functions(data: mmap.mmap, wanted: set[str] | None) -> dict[str, Function]:
             loads.append((p_vaddr, p_filesz, p_offset))
     sections = [struct.unpack_from("<IIQQQQIIQQ", data, e_shoff + i * e_shentsize) for i in range(e_shnum)]
     out: dict[str, Function] = {}
+    tables = 0
     for sh in sections:
         if sh[1] not in (2, 11):  # SHT_SYMTAB, SHT_DYNSYM
             continue
+        tables += 1
         strtab = sections[sh[6]]
         str_off, str_size = strtab[4], strtab[5]
         off, size, entsize = sh[4], sh[5], sh[9] or 24
@@ -78,4 +83,4 @@ def _functions(data: mmap.mmap, wanted: set[str] | None) -> dict[str, Function]:
                     fo = st_value - vaddr + foff
                     out[name] = Function(name, fo, site_kind(data[fo:fo + 4]))
                     break
-    return out
+    return out if tables else None

@@ -408,6 +408,7 @@ class EbpfSource:
         a = self._attacher.attach("memcpy_probe", path, fn, pid=pid)
         if a is not None:
             self._memcpy_probes[(path, pid)] = a
+            log.info("ebpf: memcpy probe on pid %d (%s site)", pid, fn.site)
 
     def _drop_dead_pinned(self) -> None:
         table = self._b[b"pinned"]
@@ -797,6 +798,6 @@ def _function_at(path: str, vaddr: int) -> elf.Function | None:
                     f.seek(off)
                     code = f.read(4)
                 return elf.Function("memcpy", off, elf.site_kind(code))
-    except (OSError, struct.error) as e:
+    except (OSError, struct.error, OverflowError, IndexError) as e:
         log.warning("ebpf: cannot place the memcpy probe in %s: %s", path, e)
     return None
