@@ -168,6 +168,7 @@ class EbpfSource:
         self._seen_series: set[tuple[str, tuple]] = set()
         self._known_tgids: set[int] = set()
         self._nontargets: set[int] = set()
+        self._cuda_found = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -429,7 +430,12 @@ class EbpfSource:
             if self._thread is None or not self._thread.is_alive():
                 raise SourceUnavailable("eBPF governor thread is not running")
             provides = {SOCKET, HARDIRQ_S, SOFTIRQ_S, STAGING, HITS, OVERHEAD, DROPS}
-            if self._cuda and self._mode != "off":
+            # CUDA copies are measured from the first library probed on (sticky: a target exiting
+            # must not flip host_to_gpu to another source while its last bytes arrive); with no
+            # CUDA library on the node the hop stays NVML's, or absent.
+            if self._cuda_probes is not None and self._cuda_probes.libs:
+                self._cuda_found = True
+            if self._cuda and self._mode != "off" and self._cuda_found:
                 provides |= {CUDA_BYTES, CUDA_CALLS}
             if self._memcpy:
                 provides.add(MEMCPY)
@@ -551,7 +557,7 @@ class EbpfSource:
                 self._emit(snap, SOCKET, sock.get((ident, d), 0.0), direction=d, **pl)
                 if self._memcpy:
                     self._emit(snap, MEMCPY, mc.get((ident, d), 0.0), direction=d, **pl)
-            if self._cuda and self._mode != "off":
+            if self._cuda and self._mode != "off" and self._cuda_found:
                 for kind in defs.KINDS:
                     for mem in ("pinned", "pageable"):
                         k = (ident, (kind, mem))
