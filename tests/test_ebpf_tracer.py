@@ -299,10 +299,11 @@ def test_a_failing_governor_tick_is_reported_and_survived(by_comm):
         gov.wanted = real  # type: ignore[method-assign]
 
 
-def test_serve_counts_a_target_started_at_once_and_exports_drops(tmp_path, veth, veth_peer, stub):
+@pytest.mark.parametrize("probes", ["sampled", "always"], ids=["defaults", "always"])
+def test_serve_counts_a_target_started_at_once_and_exports_drops(tmp_path, veth, veth_peer, stub, probes):
     """`pcietax serve` end to end: the staged path of a target started after the exporter, with no
     pause, reads ratio 4 +- 0.15 (socket bytes -> kernel_copy, pageable CUDA copies -> user_copy and
-    host_to_gpu; nic_dma from the veth)."""
+    host_to_gpu; nic_dma from the veth), at defaults (under the budget governor) and always."""
     from conftest import free_port
     from helpers.scrape import scrape, value
 
@@ -311,6 +312,7 @@ def test_serve_counts_a_target_started_at_once_and_exports_drops(tmp_path, veth,
     with open(log, "w") as f:
         p = subprocess.Popen([*pcietax_cmd(), "serve", f"--web.listen-address=127.0.0.1:{port}",
                               "--target.comm", "^ptx-s-", "--cuda.lib", stub, "--nic", veth.host_if,
+                              "--cuda.probes", probes,
                               "--no-source.rdma", "--no-source.pcie"],
                              stdout=f, stderr=subprocess.STDOUT, env=pcietax_env())
     url = f"http://127.0.0.1:{port}/metrics"
@@ -326,8 +328,8 @@ def test_serve_counts_a_target_started_at_once_and_exports_drops(tmp_path, veth,
                 pass
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.3)
-        finish(actor("tcp", b"ptx-s-staged", veth_peer, stub))
-        time.sleep(3.5)
+        finish(actor("tcp", b"ptx-s-staged", veth_peer, stub, extra=("--bytes", str(256 << 20))))
+        time.sleep(11)  # every duty-cycle window of the run has closed and been folded
         s1 = scrape(url)
     finally:
         p.terminate()

@@ -85,6 +85,19 @@ class Governor:
         for g, s in self.groups.items():
             s.duty = d[g]
 
+    def planned_cost(self) -> float:
+        return sum(s.duty * s.cost_rate for s in self.groups.values())
+
+    def check(self, now: float) -> bool:
+        """Between periods: when what is on now costs well over the budget (a workload just
+        started, or the first period, planned before anything was measured), plan again and start
+        a new period at once instead of paying for the rest of this one. True when it re-planned."""
+        if self.planned_cost() <= 1.5 * self.budget:
+            return False
+        self.replan()
+        self.period_start = now
+        return True
+
     def wanted(self, now: float) -> dict[str, bool]:
         """Which groups should be on now: each is on for duty x period at the start of a period.
         A new period re-plans from the costs measured so far."""

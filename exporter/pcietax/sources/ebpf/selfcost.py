@@ -129,14 +129,14 @@ def calibrate(attach_uprobe: Callable[[str, int], Callable[[], None] | None],
         # Interleaved rounds, best of each: a syscall pair costs microseconds and a shared VM
         # is noisy, while the program adds tens of nanoseconds.
         base = probed = float("inf")
-        for _ in range(4):
-            base = min(base, _timed(send, n // 4, rounds=1))
+        for _ in range(8):
+            base = min(base, _timed(send, n // 8, rounds=1))
             detach = attach_tracepoint()
             if detach is None:
                 measured = False
                 break
             try:
-                probed = min(probed, _timed(send, n // 4, rounds=1))
+                probed = min(probed, _timed(send, n // 8, rounds=1))
             finally:
                 detach()
         if probed < float("inf"):

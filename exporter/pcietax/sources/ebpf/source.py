@@ -278,6 +278,7 @@ class EbpfSource:
                     continue
                 self._cuda_probes.add(path)
         self._rescan(force=True)
+        loader.release_heap()  # again: calibration and attaching ran more of libbcc
         self._thread = threading.Thread(target=self._governor_loop, name="pcietax-ebpf-governor", daemon=True)
         self._thread.start()
 
@@ -330,24 +331,38 @@ class EbpfSource:
             self._set_tracepoints(group, on)
 
     def _governor_loop(self) -> None:
-        """Switches groups on and off at the governor's times. Survives any exception: it is
-        logged, and the next read() reports the source down with it."""
-        while not self._stop.wait(0.1):
+        """Switches groups on and off at the governor's times, and measures what they cost once a
+        second (a cut comes within a second of a workload starting). Survives any exception: it is
+        logged, the next read() reports the source down with it, and governing goes on."""
+        next_cost = time.monotonic() + 1.0
+        while not self._stop.wait(0.05):
             try:
                 with self._lock:
-                    if self._b is None or self._governor is None:
+                    gov = self._governor
+                    if self._b is None or gov is None:
                         return
                     now = time.monotonic()
-                    if now - self._governor.period_start >= self._governor.period:
-                        self._observe_costs(now)  # the costs the coming period is planned from
-                    for g, on in self._governor.wanted(now).items():
-                        st = self._governor.groups[g]
-                        if on != st.on:
+                    if now >= next_cost or now - gov.period_start >= gov.period:
+                        next_cost = now + 1.0
+                        self._observe_costs(now)
+                        if gov.check(now):
+                            log.debug("ebpf: over budget: re-planned %s", self._plan_text())
+                    if now - gov.period_start >= gov.period:
+                        log.debug("ebpf: new period: %s", self._plan_text())
+                    for g, on in gov.wanted(now).items():
+                        if on != gov.groups[g].on:
+                            t0 = time.monotonic()
                             self._switch(g, on)
-                            self._governor.switched(g, on, time.monotonic())
+                            # Probes go live (or die) somewhere inside attach (detach): take the middle.
+                            gov.switched(g, on, (t0 + time.monotonic()) / 2)
             except Exception as e:  # keep governing; say so
                 log.exception("ebpf: governor: %s", e)
                 self._thread_error = f"{type(e).__name__}: {e}"
+
+    def _plan_text(self) -> str:
+        assert self._governor is not None
+        return ", ".join(f"{g} duty {s.duty:.3f} at {s.cost_rate * 1e3:.2f} ms/s"
+                         for g, s in self._governor.groups.items())
 
     # -- targets and libraries ---------------------------------------------------------------
 
