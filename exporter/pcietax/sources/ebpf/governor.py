@@ -6,7 +6,7 @@ measured rates, highest priority first, so the whole tracer stays within the bud
 cannot be afforded at all still gets ``min_duty``, so its estimate never goes stale. Counts taken
 in a window are scaled by (time since the last window ended) / (time on): estimates, and the
 families' HELP says so. A group that is always on (``--cuda.probes always``) is never cycled but
-its cost still comes out of the budget first.
+its cost is outside the budget (the operator chose exactness).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ class GroupState:
 
 def plan(budget: float, cost_rates: dict[str, float], order: tuple[str, ...], pinned: set[str],
          min_duty: float = 0.02) -> dict[str, float]:
-    """Duty cycle per group: pinned groups pay first, then each group by priority gets what the
-    budget has left (all of it when it costs nothing measurable)."""
-    left = budget - sum(cost_rates.get(g, 0.0) for g in order if g in pinned)
+    """Duty cycle per group: each group by priority gets what the budget has left (all of it when
+    it costs nothing measurable). A pinned group (``--cuda.probes always``: the operator chose
+    exact copies over the budget) is on and outside the budget, so it cannot starve the others."""
+    left = budget
     duties: dict[str, float] = {}
     for g in order:
         if g in pinned:
@@ -86,7 +87,7 @@ class Governor:
             s.duty = d[g]
 
     def planned_cost(self) -> float:
-        return sum(s.duty * s.cost_rate for s in self.groups.values())
+        return sum(s.duty * s.cost_rate for s in self.groups.values() if not s.pinned_on)
 
     def check(self, now: float) -> bool:
         """Between periods: when what is on now costs well over the budget (a workload just
