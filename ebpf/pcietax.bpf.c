@@ -1,60 +1,56 @@
 // pcietax: in-kernel aggregation of the host staging costs of a network -> GPU data path.
 //
-// Loaded by exporter/pcietax/sources/ebpf.py with BCC. Every program only adds to a map; user space
-// reads the maps once per collection cycle (BCC tools style, no per-event perf buffer).
+// Loaded by exporter/pcietax/sources/ebpf/ with BCC. Every program only adds to a map; user space
+// reads the maps once per collection cycle (BCC tools style, no per-event perf buffer). The enums
+// P_* (probes), S_* (probe-site kinds), E_* (drop reasons), DIR_*, K_* and PTX_NVECS are generated
+// from exporter/pcietax/sources/ebpf/defs.py and prepended to this text by the loader.
 //
-// Built from tracepoints and uprobes only: kprobes are not available on every kernel (CONFIG_KPROBES
-// is off on this project's CI kernel), and tracepoint arguments come from the running kernel's
-// format files, so nothing here depends on kernel struct layouts (headers may be from another
-// kernel version).
+// Built from tracepoints and uprobes only: kprobes are not available on every kernel, and
+// tracepoint arguments come from the running kernel's format files. The one kernel layout read is
+// struct sock_common's peer address (loopback exclusion), taken from the kernel headers.
 //
-// Optional parts are compiled in with -D flags from the loader:
-//   PTX_CUDA     CUDA runtime / driver copy and pinned-memory uprobes
-//   PTX_MEMCPY   the opt-in memcpy uprobe (copies into or out of pinned buffers)
-//   PTX_CGROUP   target processes by cgroup v2 ancestry
-//   PTX_MAX_PINNED  pinned ranges remembered per process
-//   PTX_MAX_PROCS   processes tracked at once
+// Configuration is compile-time (-D from the loader), never a map read per event:
+//   PTX_FILTER          1: count only targets decided in the kernel (targets map, cgroup ancestry);
+//                       0: count every process (node-wide, or --target.comm applied at read time)
+//   PTX_FOLLOW          keep the targets map in step with fork/exec/exit (children of targets)
+//   PTX_CGROUP_ID / PTX_CGROUP_LEVEL   --target.cgroup, matched by ancestry
+//   PTX_SOCK_LENGTH     sock:sock_recv_length / sock_send_length (Linux 6.3+) with the family filter
+//   PTX_COUNT_LO        loopback peers count (lo is a selected NIC)
+//   PTX_CUDA, PTX_MEMCPY, PTX_MAX_PROCS, PTX_MAX_PINNED, PTX_MAX_IRQ
 
 #include <uapi/linux/ptrace.h>
+#if defined(PTX_SOCK_LENGTH) && !defined(PTX_COUNT_LO)
+#include <net/sock.h>
+#endif
 
 #ifndef PTX_MAX_PINNED
 #define PTX_MAX_PINNED 64
 #endif
 #ifndef PTX_MAX_PROCS
-#define PTX_MAX_PROCS 10240  // processes tracked at once per map
+#define PTX_MAX_PROCS 10240
+#endif
+#ifndef PTX_MAX_IRQ
+#define PTX_MAX_IRQ 4096
+#endif
+#ifndef PTX_FILTER
+#define PTX_FILTER 0
 #endif
 
-// Probe ids: index of pcietax_probe_hits_total{probe}; keep in step with PROBES in ebpf.py.
-enum {
-    P_HARDIRQ = 0,
-    P_SOFTIRQ = 1,
-    P_SOCK_RECV = 2,
-    P_SOCK_SEND = 3,
-    P_CUDA_COPY = 4,
-    P_CUDA_PINNED = 5,
-    P_MEMCPY = 6,
-    P_NPROBES = 7,
-};
-
-// Errors: index of the errors array; keep in step with ERRORS in ebpf.py.
-enum {
-    E_PROC_MAP_FULL = 0,
-    E_PINNED_FULL = 1,
-    E_CUDA_DEFAULT_UNRESOLVED = 2,
-    E_NERRORS = 3,
-};
-
-enum { DIR_INGRESS = 0, DIR_EGRESS = 1 };
+#define PTX_AF_INET 2
+#define PTX_AF_INET6 10
+#define PTX_MSG_PEEK 0x2
+#define PTX_MSG_ZEROCOPY 0x4000000
+#define PTX_MSG_SPLICE_PAGES 0x8000000
 
 struct proc_dir_key {
     u32 tgid;
-    u32 dir;  // DIR_INGRESS / DIR_EGRESS
+    u32 dir;
 };
 
 struct cuda_key {
     u32 tgid;
-    u8 kind;    // 0 = h2d, 1 = d2h
-    u8 pinned;  // 1 = pinned, 0 = pageable
+    u8 kind;
+    u8 pinned;
     u16 pad;
 };
 
@@ -63,84 +59,101 @@ struct cuda_val {
     u64 calls;
 };
 
-BPF_PERCPU_ARRAY(hits, u64, P_NPROBES);
-BPF_ARRAY(errors, u64, E_NERRORS);
+// What user space needs to label a process that may have exited before it reads: the comm and
+// cgroup at event time, and whether the kernel-side target test (cgroup ancestry) matched.
+struct proc_info {
+    char comm[16];
+    u64 cgroup;
+    u32 target;
+    u32 pad;
+};
 
-// Target scoping: config[0] = 1 when node-wide; targets = tgids chosen by user space
-// (--target.pid, --target.comm); target_cgroup = cgroup id at config[1] = its level (--target.cgroup);
-// config[2] = 1 when a driver library is probed too (runtime copies then mark their thread).
-BPF_ARRAY(config, u64, 3);
-BPF_HASH(targets, u32, u8, PTX_MAX_PROCS);
-BPF_HASH(target_cgroup, u64, u8, 16);
+struct time_val {
+    u64 ns;
+    u64 count;
+};
 
-// Hard and soft IRQ time (node-wide, not per process).
-BPF_PERCPU_ARRAY(irq_start, u64, 1);
-BPF_PERCPU_HASH(irq_ns, u32, u64, 4096);
-BPF_PERCPU_ARRAY(softirq_start, u64, 1);
-BPF_PERCPU_ARRAY(softirq_ns, u64, 16);
+BPF_PERCPU_ARRAY(hits, u64, P_NPROBES * S_NSITES);
+BPF_ARRAY(drops, u64, E_NDROPS);
+BPF_TABLE("lru_hash", u32, struct proc_info, procs, PTX_MAX_PROCS);
+// Target tgids: 1 = given (--target.pid), 2 = a descendant that forked from a target (dropped when
+// it execs another program).
+BPF_TABLE("lru_hash", u32, u8, targets, PTX_MAX_PROCS);
 
-// Socket payload copied between kernel and user, per target process and direction.
-BPF_PERCPU_HASH(sock_bytes, struct proc_dir_key, u64, PTX_MAX_PROCS);
-// Comm of each counted process, for the process label when it has exited before user space reads.
-struct comm_t { char comm[16]; };
-BPF_HASH(comms, u32, struct comm_t, PTX_MAX_PROCS);
-
-static __always_inline void remember_comm(u32 tgid) {
-    struct comm_t c = {};
-    bpf_get_current_comm(&c.comm, sizeof(c.comm));
-    comms.update(&tgid, &c);
-}
-
-static __always_inline void err(int i) {
-    u64 *v = errors.lookup(&i);
+static __always_inline void drop(int i) {
+    u64 *v = drops.lookup(&i);
     if (v)
         __sync_fetch_and_add(v, 1);
 }
 
-static __always_inline void hit(int probe) {
-    u64 *v = hits.lookup(&probe);
+static __always_inline void hit(int probe, int site) {
+    int i = probe * S_NSITES + site;
+    u64 *v = hits.lookup(&i);
     if (v)
         (*v)++;
 }
 
+static __always_inline void note_proc(u32 tgid) {
+    struct proc_info p = {};
+    bpf_get_current_comm(&p.comm, sizeof(p.comm));
+    p.cgroup = bpf_get_current_cgroup_id();
+#ifdef PTX_CGROUP_ID
+    p.target = bpf_get_current_ancestor_cgroup_id(PTX_CGROUP_LEVEL) == PTX_CGROUP_ID;
+#endif
+    procs.update(&tgid, &p);
+}
+
 static __always_inline int is_target(u32 tgid) {
-    int zero = 0;
-    u64 *nodewide = config.lookup(&zero);
-    if (nodewide && *nodewide)
-        return 1;
+#if PTX_FILTER
     if (targets.lookup(&tgid))
         return 1;
-#ifdef PTX_CGROUP
-    int one = 1;
-    u64 *level = config.lookup(&one);
-    if (level && *level) {
-        u64 id = bpf_get_current_ancestor_cgroup_id((int)*level);
-        if (target_cgroup.lookup(&id))
-            return 1;
-    }
+#ifdef PTX_CGROUP_ID
+    if (bpf_get_current_ancestor_cgroup_id(PTX_CGROUP_LEVEL) == PTX_CGROUP_ID)
+        return 1;
 #endif
+    return 0;
+#else
+    return 1;
+#endif
+}
+
+// --- following forks -------------------------------------------------------------------------
+#ifdef PTX_FOLLOW
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    if (!targets.lookup(&parent))
+        return 0;
+    // child_pid is the new task: a process (its tgid) or a thread of the parent (harmless: it is
+    // deleted when the thread exits).
+    u32 child = args->child_pid;
+    u8 v = 2;
+    targets.update(&child, &v);
     return 0;
 }
 
-static __always_inline void add_sock(u32 tgid, u32 dir, int len) {
-    if (len <= 0)
-        return;
-    struct proc_dir_key k = {.tgid = tgid, .dir = dir};
-    u64 *v = sock_bytes.lookup(&k);
-    if (v) {
-        *v += len;  // per-CPU value: no atomics needed
-        return;
-    }
-    u64 init = len;
-    if (sock_bytes.update(&k, &init) != 0)
-        err(E_PROC_MAP_FULL);
-    remember_comm(tgid);
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u8 *v = targets.lookup(&tgid);
+    if (v && *v == 2)
+        targets.delete(&tgid);
+    return 0;
 }
 
-// --- hard IRQs -------------------------------------------------------------------------------
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u32 tid = bpf_get_current_pid_tgid();
+    targets.delete(&tid);
+    return 0;
+}
+#endif
+
+// --- hard IRQs and softirqs: time per line / vector (the totals come from /proc) --------------
+BPF_PERCPU_ARRAY(irq_start, u64, 1);
+BPF_PERCPU_ARRAY(irq_time, struct time_val, PTX_MAX_IRQ);
+BPF_PERCPU_ARRAY(softirq_start, u64, 1);
+BPF_PERCPU_ARRAY(softirq_time, struct time_val, PTX_NVECS);
 
 TRACEPOINT_PROBE(irq, irq_handler_entry) {
-    hit(P_HARDIRQ);
+    hit(P_HARDIRQ, 0);
     int zero = 0;
     u64 ts = bpf_ktime_get_ns();
     irq_start.update(&zero, &ts);
@@ -154,20 +167,19 @@ TRACEPOINT_PROBE(irq, irq_handler_exit) {
         return 0;
     u64 delta = bpf_ktime_get_ns() - *start;
     *start = 0;
-    u32 irq = args->irq;
-    u64 *v = irq_ns.lookup(&irq);
-    if (v) {
-        *v += delta;
-    } else if (irq_ns.update(&irq, &delta) != 0) {
-        err(E_PROC_MAP_FULL);
+    int irq = args->irq;
+    struct time_val *v = irq_time.lookup(&irq);
+    if (!v) {
+        drop(E_IRQ_OUT_OF_RANGE);
+        return 0;
     }
+    v->ns += delta;
+    v->count += 1;
     return 0;
 }
 
-// --- softirqs --------------------------------------------------------------------------------
-
 TRACEPOINT_PROBE(irq, softirq_entry) {
-    hit(P_SOFTIRQ);
+    hit(P_SOFTIRQ, 0);
     int zero = 0;
     u64 ts = bpf_ktime_get_ns();
     softirq_start.update(&zero, &ts);
@@ -182,55 +194,115 @@ TRACEPOINT_PROBE(irq, softirq_exit) {
     u64 delta = bpf_ktime_get_ns() - *start;
     *start = 0;
     int vec = args->vec;
-    u64 *v = softirq_ns.lookup(&vec);
-    if (v)
-        *v += delta;
+    struct time_val *v = softirq_time.lookup(&vec);
+    if (v) {
+        v->ns += delta;
+        v->count += 1;
+    }
     return 0;
 }
 
-// --- socket payload copies -------------------------------------------------------------------
+// --- socket payload: AF_INET / AF_INET6 only ----------------------------------------------------
+BPF_PERCPU_HASH(sock_bytes, struct proc_dir_key, u64, PTX_MAX_PROCS);
 
-// Receive: the kernel -> user copy itself (skb_copy_datagram_iter), in the receiving task's
-// context; one event per skb copied, so a recv() spanning several skbs sums them.
+static __always_inline void add_sock(u32 tgid, u32 dir, int len) {
+    if (len <= 0)
+        return;
+    struct proc_dir_key k = {.tgid = tgid, .dir = dir};
+    u64 *v = sock_bytes.lookup(&k);
+    if (v) {
+        *v += len;  // per-CPU value: no atomics needed
+        return;
+    }
+    u64 init = len;
+    if (sock_bytes.update(&k, &init) != 0) {
+        drop(E_PROCESS_MAP_FULL);
+        return;
+    }
+    note_proc(tgid);
+}
+
+#ifdef PTX_SOCK_LENGTH
+#ifndef PTX_COUNT_LO
+// A peer on 127.0.0.0/8 or ::1 (or ::ffff:127.x), or a connection to one of our own addresses:
+// traffic that never leaves the host is not network payload unless lo is a selected NIC.
+static __always_inline int local_peer(void *skp, u16 family) {
+    struct sock_common *sk = skp;
+    if (family == PTX_AF_INET) {
+        u32 d = 0, s = 0;
+        bpf_probe_read_kernel(&d, sizeof(d), &sk->skc_daddr);
+        bpf_probe_read_kernel(&s, sizeof(s), &sk->skc_rcv_saddr);
+        return (d & 0xff) == 127 || (d != 0 && d == s);  // network byte order: first octet lowest
+    }
+    u32 a[4] = {};
+    bpf_probe_read_kernel(&a, sizeof(a), &sk->skc_v6_daddr);
+    if (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == __builtin_bswap32(1))
+        return 1;
+    return a[0] == 0 && a[1] == 0 && a[2] == __builtin_bswap32(0xffff) && (a[3] & 0xff) == 127;
+}
+#define PTX_LOCAL(sk, family) local_peer(sk, family)
+#else
+#define PTX_LOCAL(sk, family) 0
+#endif
+
+// sock_recvmsg() after the protocol returned: one event per recv call (not per skb), with the
+// socket's family, so Unix sockets, netlink and other IPC are dropped by the first test.
+TRACEPOINT_PROBE(sock, sock_recv_length) {
+    hit(P_SOCKET_RECV, 0);
+    u16 family = args->family;
+    if ((family != PTX_AF_INET && family != PTX_AF_INET6) || args->ret <= 0 || (args->flags & PTX_MSG_PEEK))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid) || PTX_LOCAL(args->sk, family))
+        return 0;
+    add_sock(tgid, DIR_INGRESS, args->ret);
+    return 0;
+}
+
+// sock_sendmsg_nosec(): bytes the protocol accepted from a send/sendto/sendmsg/write; splice/
+// sendfile (MSG_SPLICE_PAGES, pages referenced, not copied) and MSG_ZEROCOPY are skipped.
+TRACEPOINT_PROBE(sock, sock_send_length) {
+    hit(P_SOCKET_SEND, 0);
+    u16 family = args->family;
+    if ((family != PTX_AF_INET && family != PTX_AF_INET6) || args->ret <= 0 ||
+        (args->flags & (PTX_MSG_ZEROCOPY | PTX_MSG_SPLICE_PAGES)))
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid) || PTX_LOCAL(args->sk, family))
+        return 0;
+    add_sock(tgid, DIR_EGRESS, args->ret);
+    return 0;
+}
+#else
+// Linux < 6.3 fallback: the copy itself, once per skb. The tracepoint carries no socket, so it
+// cannot tell TCP from a Unix socket or a loopback peer (docs/ebpf.md); egress is not measured.
 TRACEPOINT_PROBE(skb, skb_copy_datagram_iovec) {
-    hit(P_SOCK_RECV);
+    hit(P_SOCKET_RECV, 0);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!is_target(tgid))
         return 0;
     add_sock(tgid, DIR_INGRESS, args->len);
     return 0;
 }
-
-#ifdef PTX_SEND
-// Send: sock:sock_send_length (Linux 6.3+) fires in sock_sendmsg_nosec() for every sendmsg/send/
-// sendto/write on a socket with the bytes accepted, which for TCP/UDP over a user buffer is what
-// the kernel copied in. Skipped: splice/sendfile (MSG_SPLICE_PAGES, pages are referenced, not
-// copied) and MSG_ZEROCOPY.
-#define PTX_MSG_ZEROCOPY 0x4000000
-#define PTX_MSG_SPLICE_PAGES 0x8000000
-TRACEPOINT_PROBE(sock, sock_send_length) {
-    hit(P_SOCK_SEND);
-    if (args->flags & (PTX_MSG_ZEROCOPY | PTX_MSG_SPLICE_PAGES))
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!is_target(tgid))
-        return 0;
-    add_sock(tgid, DIR_EGRESS, args->ret);
-    return 0;
-}
 #endif
 
-#ifdef PTX_CUDA  // pinned tracking: also needed by the memcpy probe, so PTX_MEMCPY implies PTX_CUDA
+// Uprobe programs come in one variant per probe-site kind (the loader attaches the variant that
+// matches the probed function's first instruction), so hits, and what they cost, are counted per
+// kind: an emulated push costs a fraction of a single-stepped instruction.
+#define PTX_SITE_VARIANTS(body)                                                   \
+    int body##__push(struct pt_regs *ctx) { return body(ctx, S_PUSH); }           \
+    int body##__step(struct pt_regs *ctx) { return body(ctx, S_STEP); }
+
+#ifdef PTX_CUDA
 // Pinned host ranges per process, from cudaHostAlloc / cudaMallocHost / cudaHostRegister (and the
-// driver equivalents), dropped on the matching free/unregister. A copy whose host pointer falls in
-// one is a pinned copy; otherwise the driver stages it through its own pinned bounce buffer.
+// driver equivalents), dropped on the matching free/unregister.
 struct pinned_ranges {
     u64 start[PTX_MAX_PINNED];
     u64 end[PTX_MAX_PINNED];
 };
 
 BPF_HASH(pinned, u32, struct pinned_ranges, PTX_MAX_PROCS);
-BPF_PERCPU_ARRAY(pinned_zero, struct pinned_ranges, 1);  // zeroed value for first insert
+BPF_PERCPU_ARRAY(pinned_zero, struct pinned_ranges, 1);
 
 static __always_inline int is_pinned(struct pinned_ranges *r, u64 p) {
     if (!r)
@@ -253,7 +325,7 @@ static __always_inline void pin(u32 tgid, u64 start, u64 size) {
         if (!z)
             return;
         if (pinned.update(&tgid, z) != 0) {
-            err(E_PROC_MAP_FULL);
+            drop(E_PROCESS_MAP_FULL);
             return;
         }
         r = pinned.lookup(&tgid);
@@ -268,7 +340,7 @@ static __always_inline void pin(u32 tgid, u64 start, u64 size) {
             return;
         }
     }
-    err(E_PINNED_FULL);
+    drop(E_PINNED_TABLE_FULL);
 }
 
 static __always_inline void unpin(u32 tgid, u64 start) {
@@ -283,25 +355,32 @@ static __always_inline void unpin(u32 tgid, u64 start) {
         }
     }
 }
-#endif
 
-#ifdef PTX_CUDA
 BPF_PERCPU_HASH(cuda_copies, struct cuda_key, struct cuda_val, PTX_MAX_PROCS);
-// Threads inside a runtime copy call: the runtime implements cudaMemcpy* with driver calls, which
-// must not count the same bytes again. Set on runtime entry, cleared by its return probe.
-BPF_HASH(in_runtime, u32, u8, PTX_MAX_PROCS);
+
+// The last runtime copy of each thread: NVIDIA's runtime may implement a copy with a public
+// driver call, which must not count the same bytes again. The driver probe drops a copy that
+// repeats its thread's last runtime copy (same host pointer and size, moments later) instead of
+// a return probe on the runtime: one trap per copy, two only where the runtime enters the driver.
+struct rt_copy {
+    u64 host;
+    u64 bytes;
+    u64 ts;
+};
+BPF_TABLE("lru_hash", u32, struct rt_copy, rt_last, 4096);
+#define PTX_DEDUP_NS 50000000ull
 
 struct alloc_arg {
-    u64 pp;    // void ** where the allocator stores the pointer
+    u64 pp;
     u64 size;
 };
 BPF_HASH(alloc_args, u64, struct alloc_arg, PTX_MAX_PROCS);
 
-static __always_inline void count_copy(u32 tgid, int kind, u64 host, u64 bytes) {
+static __always_inline void count_copy(u32 tgid, int kind, struct pinned_ranges *r, u64 host, u64 bytes) {
     if (bytes == 0)
         return;
     struct cuda_key k = {.tgid = tgid, .kind = kind};
-    k.pinned = is_pinned(pinned.lookup(&tgid), host);
+    k.pinned = is_pinned(r, host);
     struct cuda_val *v = cuda_copies.lookup(&k);
     if (v) {
         v->bytes += bytes;
@@ -309,77 +388,83 @@ static __always_inline void count_copy(u32 tgid, int kind, u64 host, u64 bytes) 
         return;
     }
     struct cuda_val init = {.bytes = bytes, .calls = 1};
-    if (cuda_copies.update(&k, &init) != 0)
-        err(E_PROC_MAP_FULL);
-    remember_comm(tgid);
+    if (cuda_copies.update(&k, &init) != 0) {
+        drop(E_PROCESS_MAP_FULL);
+        return;
+    }
+    note_proc(tgid);
 }
 
 // cudaMemcpy(void *dst, const void *src, size_t count, cudaMemcpyKind kind) and
 // cudaMemcpyAsync(..., cudaStream_t) (and _ptds/_ptsz): kind 1 = H2D, 2 = D2H, 4 = default.
-int ptx_cuda_memcpy(struct pt_regs *ctx) {
-    hit(P_CUDA_COPY);
+static __always_inline int cuda_memcpy(struct pt_regs *ctx, int site) {
+    hit(P_CUDA_COPY, site);
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = id;
     if (!is_target(tgid))
         return 0;
-    int two = 2;
-    u64 *driver_probed = config.lookup(&two);
-    if (driver_probed && *driver_probed) {
-        u8 one = 1;
-        in_runtime.update(&tid, &one);
-    }
     u64 dst = PT_REGS_PARM1(ctx), src = PT_REGS_PARM2(ctx), n = PT_REGS_PARM3(ctx);
     int kind = PT_REGS_PARM4(ctx);
+    struct pinned_ranges *r = pinned.lookup(&tgid);  // one pinned-range lookup per copy
+    u64 host;
     if (kind == 1) {
-        count_copy(tgid, 0, src, n);
+        host = src;
+        count_copy(tgid, K_H2D, r, src, n);
     } else if (kind == 2) {
-        count_copy(tgid, 1, dst, n);
+        host = dst;
+        count_copy(tgid, K_D2H, r, dst, n);
     } else if (kind == 4) {
-        // cudaMemcpyDefault: with unified addressing the direction follows from the pointers; a
-        // known pinned host pointer says which side is the host.
-        struct pinned_ranges *r = pinned.lookup(&tgid);
-        if (is_pinned(r, src))
-            count_copy(tgid, 0, src, n);
-        else if (is_pinned(r, dst))
-            count_copy(tgid, 1, dst, n);
-        else
-            err(E_CUDA_DEFAULT_UNRESOLVED);
+        // cudaMemcpyDefault: a known pinned host pointer says which side is the host.
+        if (is_pinned(r, src)) {
+            host = src;
+            count_copy(tgid, K_H2D, r, src, n);
+        } else if (is_pinned(r, dst)) {
+            host = dst;
+            count_copy(tgid, K_D2H, r, dst, n);
+        } else {
+            drop(E_CUDA_DEFAULT_UNRESOLVED);
+            return 0;
+        }
+    } else {
+        return 0;
     }
+    struct rt_copy last = {.host = host, .bytes = n, .ts = bpf_ktime_get_ns()};
+    rt_last.update(&tid, &last);
     return 0;
 }
+PTX_SITE_VARIANTS(cuda_memcpy)
 
-int ptx_cuda_memcpy_ret(struct pt_regs *ctx) {
-    u32 tid = bpf_get_current_pid_tgid();
-    in_runtime.delete(&tid);
+static __always_inline int driver_copy(struct pt_regs *ctx, int site, int kind, u64 host, u64 n) {
+    hit(P_CUDA_COPY, site);
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = id;
+    if (!is_target(tgid))
+        return 0;
+    struct rt_copy *last = rt_last.lookup(&tid);
+    if (last && last->host == host && last->bytes == n && bpf_ktime_get_ns() - last->ts < PTX_DEDUP_NS) {
+        rt_last.delete(&tid);  // this is the runtime's own driver call: counted already
+        return 0;
+    }
+    count_copy(tgid, kind, pinned.lookup(&tgid), host, n);
     return 0;
 }
 
 // cuMemcpyHtoD*(CUdeviceptr dst, const void *src, size_t bytes[, CUstream])
-int ptx_cu_htod(struct pt_regs *ctx) {
-    hit(P_CUDA_COPY);
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32, tid = id;
-    if (!is_target(tgid) || in_runtime.lookup(&tid))
-        return 0;
-    count_copy(tgid, 0, PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
-    return 0;
+static __always_inline int cu_htod(struct pt_regs *ctx, int site) {
+    return driver_copy(ctx, site, K_H2D, PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
 }
+PTX_SITE_VARIANTS(cu_htod)
 
 // cuMemcpyDtoH*(void *dst, CUdeviceptr src, size_t bytes[, CUstream])
-int ptx_cu_dtoh(struct pt_regs *ctx) {
-    hit(P_CUDA_COPY);
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32, tid = id;
-    if (!is_target(tgid) || in_runtime.lookup(&tid))
-        return 0;
-    count_copy(tgid, 1, PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx));
-    return 0;
+static __always_inline int cu_dtoh(struct pt_regs *ctx, int site) {
+    return driver_copy(ctx, site, K_D2H, PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx));
 }
+PTX_SITE_VARIANTS(cu_dtoh)
 
 // Entry of every pinning call: its first two arguments (a pointer and a size) are needed on return,
 // when the call has succeeded. Allocation and registration differ only in what the pointer is.
-static __always_inline int remember_pin_args(struct pt_regs *ctx) {
-    hit(P_CUDA_PINNED);
+static __always_inline int host_pin_entry(struct pt_regs *ctx, int site) {
+    hit(P_CUDA_PINNED, site);
     u64 id = bpf_get_current_pid_tgid();
     if (!is_target(id >> 32))
         return 0;
@@ -387,12 +472,11 @@ static __always_inline int remember_pin_args(struct pt_regs *ctx) {
     alloc_args.update(&id, &a);
     return 0;
 }
+PTX_SITE_VARIANTS(host_pin_entry)
 
 // cudaHostAlloc(void **p, size_t size, unsigned flags), cudaMallocHost(void **p, size_t size),
 // cuMemHostAlloc(void **pp, size_t bytesize, unsigned flags), cuMemAllocHost_v2(void **pp, size_t):
 // the pointer is known only on return, so remember where it will be written.
-int ptx_host_alloc(struct pt_regs *ctx) { return remember_pin_args(ctx); }
-
 int ptx_host_alloc_ret(struct pt_regs *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     struct alloc_arg *a = alloc_args.lookup(&id);
@@ -407,8 +491,6 @@ int ptx_host_alloc_ret(struct pt_regs *ctx) {
 }
 
 // cudaHostRegister(void *p, size_t size, unsigned flags), cuMemHostRegister_v2(void *p, size_t, unsigned)
-int ptx_host_register(struct pt_regs *ctx) { return remember_pin_args(ctx); }
-
 int ptx_host_register_ret(struct pt_regs *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     struct alloc_arg *a = alloc_args.lookup(&id);
@@ -421,33 +503,22 @@ int ptx_host_register_ret(struct pt_regs *ctx) {
 }
 
 // cudaFreeHost(void *p), cudaHostUnregister(void *p), cuMemFreeHost(void *p), cuMemHostUnregister(void *p)
-int ptx_host_free(struct pt_regs *ctx) {
-    hit(P_CUDA_PINNED);
+static __always_inline int host_free(struct pt_regs *ctx, int site) {
+    hit(P_CUDA_PINNED, site);
     u64 id = bpf_get_current_pid_tgid();
     unpin(id >> 32, PT_REGS_PARM1(ctx));
     return 0;
 }
+PTX_SITE_VARIANTS(host_free)
 #endif
-
-// Calibration: attached by the loader to a libc function in its own process for a moment at start,
-// to measure what one uprobe hit costs on this machine (trap + a program of a copy probe's size).
-int ptx_calibrate(struct pt_regs *ctx) {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (is_target(tgid + 1))
-        return 0;
-    struct proc_dir_key k = {.tgid = tgid};
-    sock_bytes.lookup(&k);
-    return 0;
-}
 
 #ifdef PTX_MEMCPY
 // memcpy(void *dst, const void *src, size_t n), attached to the implementation glibc's IFUNC
-// resolver picked (see docs/ebpf.md): a copy into a pinned buffer is a user-space staging copy
-// towards the GPU (ingress), one out of a pinned buffer is the egress mirror.
+// resolver picked (docs/ebpf.md): into a pinned buffer = ingress staging, out of one = egress.
 BPF_PERCPU_HASH(memcpy_bytes, struct proc_dir_key, u64, PTX_MAX_PROCS);
 
-int ptx_memcpy(struct pt_regs *ctx) {
-    hit(P_MEMCPY);
+static __always_inline int memcpy_probe(struct pt_regs *ctx, int site) {
+    hit(P_MEMCPY, site);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct pinned_ranges *r = pinned.lookup(&tgid);
     if (!r || !is_target(tgid))
@@ -464,10 +535,21 @@ int ptx_memcpy(struct pt_regs *ctx) {
     if (v) {
         *v += n;
     } else if (memcpy_bytes.update(&k, &n) != 0) {
-        err(E_PROC_MAP_FULL);
+        drop(E_PROCESS_MAP_FULL);
     } else {
-        remember_comm(tgid);
+        note_proc(tgid);
     }
     return 0;
 }
+PTX_SITE_VARIANTS(memcpy_probe)
 #endif
+
+// Calibration: attached by the loader for a moment at start to a libc function of each site kind
+// in its own process, and to sock:sock_send_length, to measure what one hit costs on this node.
+int ptx_calibrate_u(struct pt_regs *ctx) {
+    return 0;
+}
+
+int ptx_calibrate_tp(void *ctx) {
+    return 0;
+}

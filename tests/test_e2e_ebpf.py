@@ -60,8 +60,10 @@ def test_workload_burst_pages_ratio_high_with_its_ttft_on_the_same_node(tmp_path
     url = f"http://127.0.0.1:{port}/metrics"
     serve_log = open(tmp_path / "pcietax.log", "wb")  # noqa: SIM115 - closed below
     exporter = subprocess.Popen(
+        # --nic lo: the workload's peer is on loopback, which is network payload only when lo is a
+        # selected NIC (DESIGN.md section 1).
         [*pcietax_cmd(), "serve", f"--web.listen-address=127.0.0.1:{port}", "--target.comm", f"^{COMM}$",
-         "--cuda.probes", "always", "--no-source.rdma", "--no-source.pcie"],
+         "--cuda.probes", "always", "--nic", "lo", "--no-source.rdma", "--no-source.pcie"],
         env=pcietax_env(), stdout=serve_log, stderr=subprocess.STDOUT)
     workload = None
     workload_log = open(tmp_path / "workload.log", "wb")  # noqa: SIM115 - closed below
@@ -83,8 +85,8 @@ def test_workload_burst_pages_ratio_high_with_its_ttft_on_the_same_node(tmp_path
         with alertmanager(tmp_path, hook.url) as am, prometheus(tmp_path, jobs, render(SHORT), am) as prom:
             wait_until(lambda: prom.query('up{job="pcietax"} == 1'), 60, "Prometheus to scrape pcietax")
             assert prom.alerts("PcieTaxRatioHigh", "firing") == []  # nothing moves yet: no page
-            # The host-staged burst: TCP into a pageable buffer, then cudaMemcpyAsync (ratio ~3 on
-            # loopback: kernel copy + the driver's bounce copy + the DMA per useful byte).
+            # The host-staged burst: TCP into a pageable buffer, then cudaMemcpyAsync (ratio ~4 with
+            # lo as the NIC: lo's bytes + kernel copy + the driver's bounce copy + the DMA).
             workload = subprocess.Popen(
                 [*pcietax_cmd(), "workload", "--scenario", "pageable", "--bytes", "16MiB", "--rate", "16MiB",
                  "--duration", "300", "--comm", COMM, "--metrics-address", f"127.0.0.1:{mport}"],

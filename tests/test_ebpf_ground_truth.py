@@ -80,12 +80,18 @@ def outsider():
 
 @pytest.fixture(scope="module")
 def exporter(veth, tmp_path_factory, outsider):
+    from pcietax.workload.cudart import DRIVER_SONAME, build_stub
+
+    # Every stand-in library given up front (--cuda.lib): probed from the start, for every process.
+    runtime, layered = build_stub(), build_stub(driver=True)
+    libs = [str(runtime), str(layered), str(layered.with_name(DRIVER_SONAME))]
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as logf:
         p = subprocess.Popen(
             [*pcietax_cmd(), "serve", f"--web.listen-address=127.0.0.1:{port}", "--nic", veth.host_if,
              "--target.comm", f"^{TARGET}$", "--cuda.probes", "always", "--memcpy.probe",
+             *(a for lib in libs for a in ("--cuda.lib", lib)),
              "--no-source.rdma", "--no-source.pcie"],
             stdout=logf, stderr=subprocess.STDOUT, env=pcietax_env())
     url = f"http://127.0.0.1:{port}/metrics"
@@ -126,16 +132,17 @@ def _delta(after: dict, before: dict, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def _run_target(url: str, log: Path, peer: str, *args: str, libs: int = 1) -> tuple[dict, dict]:
-    """Run the target workload once the exporter has probed its CUDA libraries; returns the
-    exporter's scrape from just before it moved data, and the workload's ground truth."""
+def _run_target(url: str, log: Path, peer: str, *args: str) -> tuple[dict, dict]:
+    """Run the target workload once the exporter has put the opt-in memcpy probe on it (the one
+    probe still attached per process, after a rescan); CUDA libraries are probed from the start.
+    Returns the exporter's scrape from just before it moved data, and the workload's ground truth."""
     argv = [*pcietax_cmd(), "workload", "--comm", TARGET, "--peer", peer, "--wait-signal", *args]
     wl = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pcietax_env())
     try:
         _wait_line(wl, "ready pid=", stream="stderr")
-        # The exporter finds the target by comm and probes the CUDA libraries it maps (rescan <= 2 s).
+        # The exporter finds the target by comm and probes its memcpy (rescan <= 2 s).
         deadline = time.monotonic() + 30
-        while Path(log).read_text().count(f"for pid {wl.pid} ") < libs:
+        while f"memcpy probe on pid {wl.pid} " not in Path(log).read_text():
             assert time.monotonic() < deadline, f"pid {wl.pid} not probed:\n{Path(log).read_text()}"
             time.sleep(0.2)
         before = scrape(url)
@@ -216,6 +223,6 @@ def test_cuda_copies_count_once_through_runtime_and_driver(exporter, peer, args)
     too (driver-api: the driver probes' argument positions)."""
     url, log = exporter
     before, truth = _run_target(url, log, peer, "--scenario", "pageable", "--scenario", "pinned",
-                                "--scenario", "egress", "--bytes", "16MiB", *args, libs=2)
+                                "--scenario", "egress", "--bytes", "16MiB", *args)
     after = _settled(url, before, truth)
     _assert_cuda_exact(after, before, truth)

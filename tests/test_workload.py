@@ -118,3 +118,21 @@ def test_unreachable_peer_is_a_clear_error(tmp_path):
     port = free_port()  # nothing listens there
     r = _workload("--bytes", "1MiB", "--peer", f"127.0.0.1:{port}", PCIETAX_CACHE=str(tmp_path))
     assert r.returncode == 1 and "Connection refused" in r.stderr
+
+
+def test_stub_copy_functions_open_with_push_rbp_like_libcudart(tmp_path):
+    """NVIDIA's cudaMemcpy/cudaMemcpyAsync open with `push %rbp`, which the kernel's uprobes emulate;
+    the stand-in must too, or every probe hit is single-stepped at ~10x the cost (issue 10)."""
+    from pcietax.sources.ebpf.elf import functions
+    from pcietax.workload.cudart import DRIVER_SONAME, build_stub
+
+    for driver in (False, True):
+        lib = build_stub(tmp_path, driver=driver)
+        copies = {"cudaMemcpy", "cudaMemcpyAsync", "cudaMemcpy_ptds", "cudaMemcpyAsync_ptsz"}
+        fns = functions(str(lib), copies)
+        assert len(fns) == 4
+        for f in fns.values():
+            assert f.site == "push", (lib, f)
+            assert lib.read_bytes()[f.offset] == 0x55, f  # push %rbp itself
+    drv = functions(str(lib.with_name(DRIVER_SONAME)), {"cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2"})
+    assert {f.site for f in drv.values()} == {"push"}

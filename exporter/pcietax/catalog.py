@@ -58,6 +58,7 @@ SOURCE_ERRORS = "pcietax_source_errors_total"
 SOURCE_RESETS = "pcietax_source_resets_total"
 PROBE_HITS = "pcietax_probe_hits_total"
 PROBE_OVERHEAD_SECONDS = "pcietax_probe_overhead_seconds_total"
+PROBE_DROPS = "pcietax_probe_drops_total"
 COLLECT_DURATION_SECONDS = "pcietax_collect_duration_seconds"
 SCRAPE_DURATION_SECONDS = "pcietax_scrape_duration_seconds"
 BUILD_INFO = "pcietax_build_info"
@@ -145,25 +146,34 @@ FAMILIES: dict[str, Family] = {
         _F(RDMA_PORT_TRANSMIT_BYTES, "counter", ("device", "port"),
            "RDMA port data transmitted (port_xmit_data x 4).", "rdma"),
         # --- eBPF ----------------------------------------------------------------------------
-        _F(CUDA_COPY_BYTES, "counter", ("kind", "memory", "process"),
-           "Bytes of CUDA host<->device copies seen by uprobes (estimated, scaled by the duty cycle, "
-           "under --cuda.probes sampled; exact under always).", "ebpf"),
-        _F(CUDA_COPY_CALLS, "counter", ("kind", "memory", "process"),
-           "CUDA host<->device copy calls seen by uprobes (estimated, scaled by the duty cycle, "
-           "under --cuda.probes sampled; exact under always).", "ebpf"),
-        _F(MEMCPY_BYTES, "counter", ("direction", "process"),
+        _F(CUDA_COPY_BYTES, "counter",
+           ("kind", "memory", "process", "namespace", "pod", "container"),
+           "Bytes of CUDA host<->device copies seen by uprobes. Under --cuda.probes sampled (the "
+           "default) a scaled estimate: counts from the windows the --probe.budget governor keeps "
+           "the probes on, times (elapsed / time on); exact under always.", "ebpf"),
+        _F(CUDA_COPY_CALLS, "counter",
+           ("kind", "memory", "process", "namespace", "pod", "container"),
+           "CUDA host<->device copy calls seen by uprobes; a scaled estimate under --cuda.probes "
+           "sampled (see pcietax_cuda_copy_bytes_total), exact under always.", "ebpf"),
+        _F(MEMCPY_BYTES, "counter",
+           ("direction", "process", "namespace", "pod", "container"),
            "Bytes glibc memcpy copied into (ingress) or out of (egress) pinned buffers, from the "
            "opt-in --memcpy.probe uprobe.", "ebpf"),
-        _F(SOCKET_COPY_BYTES, "counter", ("direction", "process"),
-           "Socket payload copied between kernel and user space for target processes.", "ebpf"),
+        _F(SOCKET_COPY_BYTES, "counter",
+           ("direction", "process", "namespace", "pod", "container"),
+           "Socket payload (AF_INET/AF_INET6 only; loopback only with --nic lo) copied between kernel "
+           "and user space for target processes; a scaled estimate while the --probe.budget governor "
+           "duty-cycles the socket probes (exact while they stay on).", "ebpf"),
         _F(HARDIRQ, "counter", ("irq", "name"),
            "Hard interrupts per IRQ line, summed over CPUs (/proc/interrupts).", "procfs"),
         _F(HARDIRQ_SECONDS, "counter", ("irq", "name"),
-           "CPU time in hard interrupt handlers per IRQ line (eBPF).", "ebpf"),
+           "CPU time in hard interrupt handlers per IRQ line (eBPF; a scaled estimate while the "
+           "--probe.budget governor duty-cycles the IRQ probes).", "ebpf"),
         _F(SOFTIRQ, "counter", ("vector",),
            "Softirqs raised per vector, summed over CPUs (/proc/softirqs).", "procfs"),
         _F(SOFTIRQ_SECONDS, "counter", ("vector",),
-           "CPU time in softirq handlers per vector (eBPF).", "ebpf"),
+           "CPU time in softirq handlers per vector (eBPF; a scaled estimate while the "
+           "--probe.budget governor duty-cycles the IRQ probes).", "ebpf"),
         _F(STAGING_CPU_SECONDS, "counter", ("kind",),
            "CPU time spent staging network data: kind=hardirq/softirq_net_rx/softirq_net_tx (eBPF) "
            "or irq_coarse/softirq_coarse (all IRQ and softirq time from /proc/stat).", "procfs"),
@@ -197,8 +207,14 @@ FAMILIES: dict[str, Family] = {
            "Counter wraps and resets of the source absorbed so exported counters never go back.", "self"),
         _F(PROBE_HITS, "counter", ("probe",),
            "Events traced by each of the exporter's probes.", "ebpf"),
-        _F(PROBE_OVERHEAD_SECONDS, "counter", ("probe",),
-           "CPU time the exporter's probes cost the traced processes.", "ebpf"),
+        _F(PROBE_OVERHEAD_SECONDS, "counter", ("probe", "cost"),
+           "CPU time the exporter's probes cost: cost=bpf_run_time (the kernel's bpf_stats), "
+           "trap_push / trap_step (uprobe hits x the trap cost calibrated at start for emulated and "
+           "single-stepped probe sites), tracepoint_dispatch (hits x calibrated dispatch), "
+           "run_time_estimate (hits x a fixed per-hit cost where the kernel does not count).", "ebpf"),
+        _F(PROBE_DROPS, "counter", ("reason",),
+           "Kernel-side updates the tracer could not make (a full per-process map, a full pinned-"
+           "range table, an unresolvable cudaMemcpyDefault): counts short by these events.", "ebpf"),
         _F(COLLECT_DURATION_SECONDS, "gauge", ("source",),
            "Seconds the source took in the last background collection cycle (not a scrape: scrapes "
            "render the latest cycle).", "self"),

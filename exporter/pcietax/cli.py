@@ -19,6 +19,16 @@ from .sources import SourceOptions
 log = logging.getLogger("pcietax")
 
 
+def _budget(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of CPU seconds per second: {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite CPU seconds per second: {text!r}")
+    return v
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from .sources import SOURCES
 
@@ -47,6 +57,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memcpy.probe", dest="memcpy_probe", action="store_true",
                    help="opt-in: uprobe glibc memcpy of target processes to count copies into pinned "
                         "buffers (costs a uprobe hit per memcpy call; see docs/ebpf.md)")
+    p.add_argument("--probe.budget", dest="probe_budget", type=_budget, default=None, metavar="CPU_S_PER_S",
+                   help="CPU seconds per second all eBPF probes together may cost; each probe group's "
+                        "duty cycle follows from its measured cost (default 0.005; docs/ebpf.md)")
     p.add_argument("--ratio.window", dest="ratio_window", type=duration, default=10.0,
                    help="window of the live tax ratio (default 10s)")
     p.add_argument("--ratio.min-useful-bytes", dest="ratio_min_useful", type=size_or_zero, default=1 << 20,
@@ -124,6 +137,7 @@ def options_from_args(args: argparse.Namespace) -> SourceOptions:
         sysfs=args.sysfs, procfs=args.procfs, nics=args.nic, target_pids=args.target_pid,
         target_comm=args.target_comm, target_cgroup=args.target_cgroup, cuda_libs=args.cuda_lib,
         cuda_probes=args.cuda_probes, memcpy_probe=args.memcpy_probe,
+        probe_budget=args.probe_budget,
     )
 
 

@@ -23,6 +23,8 @@ class SourceOptions:
     cuda_libs: list[str] = field(default_factory=list)
     cuda_probes: str = "sampled"
     memcpy_probe: bool = False
+    probe_budget: float | None = None  # eBPF CPU budget (CPU s/s); None = the source's default
+    pod_resolver: object | None = None  # sources.pods.PodResolver, or None outside Kubernetes
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,21 @@ def _nvml(o: SourceOptions) -> Source:
 
 
 def _ebpf(o: SourceOptions) -> Source:
-    from .ebpf import EbpfSource
+    from .ebpf import DEFAULT_BUDGET, EbpfSource
 
+    resolver = o.pod_resolver
+    if resolver is None:
+        try:
+            from .pods import PodResolver  # type: ignore[import-not-found]  # issue 12 item 6
+
+            resolver = PodResolver()
+        except ImportError:
+            resolver = None
     return EbpfSource(procfs=o.procfs, sysfs=o.sysfs, nics=o.nics, target_pids=o.target_pids,
                       target_comm=o.target_comm, target_cgroup=o.target_cgroup,
-                      cuda_libs_given=o.cuda_libs, cuda_probes=o.cuda_probes, memcpy=o.memcpy_probe)
+                      cuda_libs_given=o.cuda_libs, cuda_probes=o.cuda_probes, memcpy=o.memcpy_probe,
+                      probe_budget=o.probe_budget if o.probe_budget is not None else DEFAULT_BUDGET,
+                      pod_resolver=resolver)  # type: ignore[arg-type]
 
 
 def _netdev(o: SourceOptions) -> Source:

@@ -41,20 +41,22 @@ DRIVER_ALLOC = ("cuMemHostAlloc", "cuMemAllocHost", "cuMemAllocHost_v2")
 DRIVER_REGISTER = ("cuMemHostRegister", "cuMemHostRegister_v2")
 DRIVER_FREE = ("cuMemFreeHost", "cuMemHostUnregister")
 
-# Copy probes are the hot, sampled ones; pinned-memory probes are rare and always attached.
-RUNTIME_COPY_PROBES = ProbeSet(entry={"ptx_cuda_memcpy": RUNTIME_COPY}, ret={})
-RUNTIME_COPY_RET = ProbeSet(entry={}, ret={"ptx_cuda_memcpy_ret": RUNTIME_COPY})
-DRIVER_COPY_PROBES = ProbeSet(entry={"ptx_cu_htod": DRIVER_HTOD, "ptx_cu_dtoh": DRIVER_DTOH}, ret={})
+# Entry programs come in one variant per probe-site kind (``<program>__push`` / ``__step``, see
+# ebpf/pcietax.bpf.c); return programs are used as named. Copy probes are the hot, duty-cycled ones:
+# one trap per copy (no return probe: a runtime copy that enters the driver is recognised there).
+# Pinned-memory probes are rare and always attached.
+RUNTIME_COPY_PROBES = ProbeSet(entry={"cuda_memcpy": RUNTIME_COPY}, ret={})
+DRIVER_COPY_PROBES = ProbeSet(entry={"cu_htod": DRIVER_HTOD, "cu_dtoh": DRIVER_DTOH}, ret={})
 RUNTIME_PINNED_PROBES = ProbeSet(
-    entry={"ptx_host_alloc": RUNTIME_ALLOC, "ptx_host_register": RUNTIME_REGISTER,
-           "ptx_host_free": RUNTIME_FREE},
+    entry={"host_pin_entry": RUNTIME_ALLOC + RUNTIME_REGISTER, "host_free": RUNTIME_FREE},
     ret={"ptx_host_alloc_ret": RUNTIME_ALLOC, "ptx_host_register_ret": RUNTIME_REGISTER},
 )
 DRIVER_PINNED_PROBES = ProbeSet(
-    entry={"ptx_host_alloc": DRIVER_ALLOC, "ptx_host_register": DRIVER_REGISTER,
-           "ptx_host_free": DRIVER_FREE},
+    entry={"host_pin_entry": DRIVER_ALLOC + DRIVER_REGISTER, "host_free": DRIVER_FREE},
     ret={"ptx_host_alloc_ret": DRIVER_ALLOC, "ptx_host_register_ret": DRIVER_REGISTER},
 )
+ALL_SYMBOLS = frozenset(RUNTIME_COPY + RUNTIME_ALLOC + RUNTIME_REGISTER + RUNTIME_FREE + DRIVER_HTOD
+                        + DRIVER_DTOH + DRIVER_ALLOC + DRIVER_REGISTER + DRIVER_FREE)
 
 
 def lib_kind(path: str) -> str | None:
@@ -66,27 +68,38 @@ def lib_kind(path: str) -> str | None:
     return None
 
 
+MAX_MAPS_BYTES = 64 << 20  # /proc/PID/maps of a huge process is a few MB; never read more
+
+
 def mapped_files(procfs: Path, pid: int) -> list[str]:
-    """Distinct file paths mapped by a process (its own view; may be inside a container)."""
+    """Distinct file paths mapped by a process (its own view; may be inside a container). Read as
+    bytes, once: a path that is not UTF-8 (any user can map one) is kept with surrogateescape, so
+    it still names the same file when used as a path again."""
     try:
-        text = (procfs / str(pid) / "maps").read_text()
+        with open(procfs / str(pid) / "maps", "rb") as f:
+            text = f.read(MAX_MAPS_BYTES)
     except OSError:
         return []
     seen: dict[str, None] = {}
     for line in text.splitlines():
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].startswith("/"):
+        if len(parts) == 6 and parts[5].startswith(b"/"):
             path = parts[5]
-            if path.endswith(" (deleted)"):
+            if path.endswith(b" (deleted)"):
                 continue
-            seen[path] = None
+            seen[os.fsdecode(path)] = None
     return list(seen)
 
 
-def discover(procfs: Path, pid: int, pattern: re.Pattern[str]) -> list[str]:
-    """Paths (through /proc/PID/root) of the files matching ``pattern`` that ``pid`` maps."""
+def discover(procfs: Path, pid: int, patterns: re.Pattern[str] | tuple[re.Pattern[str], ...],
+             maps: list[str] | None = None) -> list[str]:
+    """Paths (through /proc/PID/root) of the files matching any of ``patterns`` that ``pid`` maps;
+    ``maps`` = its mapped_files() when the caller has read them already (one read per rescan)."""
+    if isinstance(patterns, re.Pattern):
+        patterns = (patterns,)
     root = procfs / str(pid) / "root"
-    return [str(root) + p for p in mapped_files(procfs, pid) if pattern.search(p)]
+    files = mapped_files(procfs, pid) if maps is None else maps
+    return [str(root) + p for p in files if any(pat.search(p) for pat in patterns)]
 
 
 def same_file(a: str, b: str) -> bool:

@@ -83,9 +83,15 @@ def cgroup2_mount(procfs: Path) -> str:
     return "/sys/fs/cgroup"
 
 
+MAX_PROC_TEXT = 1 << 20  # /proc/PID/comm is 16 bytes, cgroup and mounts a few KB
+
+
 def _read(path: Path) -> str | None:
+    """Text from /proc, which any user can fill with bytes that are not UTF-8 (a comm set with
+    prctl(PR_SET_NAME), a mount point): decoded with errors="replace", never raising."""
     try:
-        return path.read_text().rstrip("\n")
+        with open(path, "rb") as f:
+            return f.read(MAX_PROC_TEXT).decode("utf-8", errors="replace").rstrip("\n")
     except OSError:
         return None
 

@@ -28,7 +28,7 @@ def resolved_memcpy(maps: str = "/proc/self/maps") -> tuple[str, int]:
     addr = ctypes.cast(libc.memcpy, ctypes.c_void_p).value
     if not addr:
         raise IfuncError("dlsym(memcpy) returned NULL")
-    path, base = _module_of(addr, Path(maps).read_text())
+    path, base = _module_of(addr, Path(maps).read_bytes().decode("utf-8", errors="surrogateescape"))
     return path, addr - base
 
 

@@ -11,6 +11,16 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 
 OTHER = "other"
+LABEL_MAX = 64  # a comm is 15 bytes; a pod/container name is at most 253
+
+
+def sanitize(raw: bytes | str, limit: int = LABEL_MAX) -> str:
+    """A label value from hostile text (/proc/PID/comm, cgroup paths): bytes decoded with
+    errors="replace", control and other unprintable characters replaced, length bounded.
+    Any unprivileged user can name a process b"\\xff\\xfe" (prctl PR_SET_NAME)."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    text = text.strip("\x00\n\r\t ")
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in text)[:limit]
 
 # (tgid, rest-of-key) -> raw cumulative value from the kernel map
 RawKey = tuple[int, Hashable]
@@ -41,32 +51,36 @@ class DeltaTracker:
 class ProcessFolder:
     """Accumulates per-key deltas into per-(process label, rest-of-key) totals."""
 
-    def __init__(self, top_n: int = 20) -> None:
+    def __init__(self, top_n: int = 20, other: Hashable = OTHER) -> None:
         if top_n < 0:
             raise ValueError("top_n must be >= 0")
         self.top_n = top_n
-        self._own: set[str] = set()
-        self._totals: dict[tuple[str, Hashable], float] = {}
+        self.other = other
+        self._own: set[Hashable] = set()
+        self._totals: dict[tuple[Hashable, Hashable], float] = {}
 
-    def label(self, comm: str) -> str:
-        if comm in self._own:
-            return comm
-        if len(self._own) < self.top_n and comm != OTHER:
-            self._own.add(comm)
-            return comm
-        return OTHER
+    def label(self, ident: Hashable) -> Hashable:
+        """A process identity (a comm, or a (comm, namespace, pod, container) tuple) keeps its own
+        series if it has one or a slot is free; else the whole identity folds into ``other``."""
+        if ident in self._own:
+            return ident
+        if len(self._own) < self.top_n and ident != self.other:
+            self._own.add(ident)
+            return ident
+        return self.other
 
-    def add(self, deltas: Mapping[RawKey, float], comm_of: Mapping[int, str], scale: float = 1.0) -> None:
-        # Largest movers first, so when slots run out within one cycle the busiest comms get them.
-        by_comm: dict[str, float] = {}
+    def add(self, deltas: Mapping[RawKey, float], ident_of: Mapping[int, Hashable],
+            scale: float = 1.0) -> None:
+        # Largest movers first, so when slots run out within one cycle the busiest ones get them.
+        by_ident: dict[Hashable, float] = {}
         for (tgid, _), d in deltas.items():
-            c = comm_of.get(tgid, OTHER)
-            by_comm[c] = by_comm.get(c, 0.0) + d
-        for c in sorted(by_comm, key=lambda c: -by_comm[c]):
+            c = ident_of.get(tgid, self.other)
+            by_ident[c] = by_ident.get(c, 0.0) + d
+        for c in sorted(by_ident, key=lambda c: -by_ident[c]):
             self.label(c)
         for (tgid, rest), d in deltas.items():
-            key = (self.label(comm_of.get(tgid, OTHER)), rest)
+            key = (self.label(ident_of.get(tgid, self.other)), rest)
             self._totals[key] = self._totals.get(key, 0.0) + d * scale
 
-    def totals(self) -> dict[tuple[str, Hashable], float]:
+    def totals(self) -> dict[tuple[Hashable, Hashable], float]:
         return dict(self._totals)
