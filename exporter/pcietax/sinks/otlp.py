@@ -53,6 +53,7 @@ _COUNT_UNITS = {
     "pcietax_source_errors_total": "{error}",
     "pcietax_source_resets_total": "{reset}",
     "pcietax_probe_hits_total": "{hit}",
+    "pcietax_probe_drops_total": "{drop}",
 }
 # The exporter's own loggers of the OpenTelemetry OTLP exporters (their names differ between SDK
 # releases; all are below this one). They log every failed push, and retries: we log per outage.

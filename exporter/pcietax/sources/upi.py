@@ -31,13 +31,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import catalog
 from ..fsread import read_str, read_text
 from ..perf import Counter, EventAttr, Opener, PerfOpenError, Reading, SyscallOpener
 from ..pmu import Pmu, PmuError, devices_dir, list_pmus, read_pmu
 from .base import Snapshot, SourceAbsent, SourceUnavailable
 
-UPI = "pcietax_upi_bytes_total"
-IIO = "pcietax_iio_bytes_total"
+UPI = catalog.UPI_BYTES
+IIO = catalog.IIO_BYTES
 
 UPI_PREFIX = "uncore_upi_"
 IIO_FREE_PREFIX = "uncore_iio_free_running_"

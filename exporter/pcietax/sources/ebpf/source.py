@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ... import catalog  # noqa: F401  (family names below are the catalog's)
+from ... import catalog
 from .. import cuda_libs
 from ..base import Snapshot, SourceUnavailable
 from ..ebpf_targets import TargetError, Targets, cgroup2_mount
@@ -34,16 +34,16 @@ from .idents import OTHER_IDENT, Ident, Identities, PodResolverLike
 
 log = logging.getLogger("pcietax")
 
-SOCKET = "pcietax_socket_copy_bytes_total"
-CUDA_BYTES = "pcietax_cuda_copy_bytes_total"
-CUDA_CALLS = "pcietax_cuda_copy_calls_total"
-MEMCPY = "pcietax_memcpy_bytes_total"
-HARDIRQ_S = "pcietax_hardirq_seconds_total"
-SOFTIRQ_S = "pcietax_softirq_seconds_total"
-STAGING = "pcietax_staging_cpu_seconds_total"
-HITS = "pcietax_probe_hits_total"
-OVERHEAD = "pcietax_probe_overhead_seconds_total"
-DROPS = "pcietax_probe_drops_total"
+SOCKET = catalog.SOCKET_COPY_BYTES
+CUDA_BYTES = catalog.CUDA_COPY_BYTES
+CUDA_CALLS = catalog.CUDA_COPY_CALLS
+MEMCPY = catalog.MEMCPY_BYTES
+HARDIRQ_S = catalog.HARDIRQ_SECONDS
+SOFTIRQ_S = catalog.SOFTIRQ_SECONDS
+STAGING = catalog.STAGING_CPU_SECONDS
+HITS = catalog.PROBE_HITS
+OVERHEAD = catalog.PROBE_OVERHEAD_SECONDS
+DROPS = catalog.PROBE_DROPS
 REQUIRED_TRACEPOINTS = loader.REQUIRED_TRACEPOINTS
 
 DEFAULT_BUDGET = 0.005  # CPU seconds per second, all probes together (docs/ebpf.md)
