@@ -73,9 +73,11 @@ def wait_https(port: int, ctx: ssl.SSLContext, headers: dict[str, str], proc: su
             conn.request("GET", "/metrics", headers=headers)
             status = conn.getresponse().status
             conn.close()
-            return status
+            if status != 503:  # 503: the first collection cycle is still running
+                return status
         except OSError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     raise AssertionError("pcietax serve never answered over HTTPS")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import Source
 
@@ -23,6 +24,8 @@ class SourceOptions:
     cuda_libs: list[str] = field(default_factory=list)
     cuda_probes: str = "sampled"
     memcpy_probe: bool = False
+    # --path.pods: names the namespace/pod/container of traced processes (sources/pods.PodResolver).
+    pod_resolver: Any = None
 
 
 @dataclass(frozen=True)
