@@ -15,7 +15,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "ki": 1 << 10, "m": 1 << 20, "mi": 1 << 20, 
 # Below threading.TIMEOUT_MAX (~292 years on Linux) with room to spare: any wait on it works.
 MAX_DURATION = 10 * 365 * 86400.0
 MAX_SIZE = 1 << 60  # 1 EiB: no byte count a flag means is larger
-_DURATION = re.compile(r"(\d{1,30}(?:\.\d{1,30})?)(ms|s|m|h)?")
+_DURATION = re.compile(r"([0-9]{1,30}(?:\.[0-9]{1,30})?)(ms|s|m|h)?")
 
 
 def _human(seconds: float) -> str:
@@ -59,7 +59,7 @@ def size_or_zero(text: str) -> int:
     num = t.rstrip("kmgti")
     unit = _SIZE_UNITS.get(t[len(num):])
     # Digits and one point only: float() alone would take "inf", "nan", "1e400" and "1_000".
-    if unit is None or not re.fullmatch(r"\d{1,30}(?:\.\d{1,30})?", num):
+    if unit is None or not re.fullmatch(r"[0-9]{1,30}(?:\.[0-9]{1,30})?", num):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 64MiB, 1M, 4096)")
     value = float(num) * unit
     if not math.isfinite(value) or value > MAX_SIZE:

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -170,15 +171,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Signals first: a SIGHUP while sources start must not kill the process (its default action).
-    wake = threading.Event()
+    # The handlers only record; the main thread waits on the wakeup fd, to which the interpreter
+    # writes each signal's number. (Setting a threading.Event from a handler can deadlock: the
+    # handler runs in the main thread, which may hold the Event's lock while it waits on it.)
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     got: set[int] = set()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        got.add(signum)
-        wake.set()
-
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, lambda signum, _frame: got.add(signum))
     if args.target_comm:
         try:
             re.compile(args.target_comm)
@@ -234,6 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serving.start()
     log.info("listening on %s (%s)", args.listen, "TLS" if web and web.ssl_context else "plain HTTP")
     t_start = time.monotonic()
+    failed: list[bool] = []
 
     def startup() -> None:
         try:
@@ -243,20 +245,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log.info("first collection cycle complete after %.2fs: ready", time.monotonic() - t_start)
         except Exception:
             log.exception("start failed")
-            got.add(signal.SIGTERM)
-            wake.set()
+            failed.append(True)
+            wake_w.send(bytes([signal.SIGTERM]))
 
     threading.Thread(target=startup, name="pcietax-start", daemon=True).start()
-    while True:
-        wake.wait()
-        wake.clear()
-        if signal.SIGHUP in got:
-            got.discard(signal.SIGHUP)
-            _reload(web)
-        if got & {signal.SIGTERM, signal.SIGINT}:
-            break
-    log.info("signal %s: shutting down", "/".join(signal.Signals(s).name for s in sorted(got)))
-    return _shutdown(server, engine, otlp)
+    stopping: set[int] = set()
+    while not stopping:
+        for signum in wake_r.recv(64):  # the numbers of the signals that arrived, in order
+            if signum == signal.SIGHUP:
+                _reload(web)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                stopping.add(signum)
+    log.info("signal %s: shutting down", "/".join(signal.Signals(s).name for s in sorted(stopping)))
+    rc = _shutdown(server, engine, otlp)
+    return 1 if failed else rc
 
 
 def _reload(web: Any) -> None:
