@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import resource
+import select
 import socket
 import ssl
 import threading
@@ -289,6 +290,7 @@ class _Server(HTTPServer):
     def _reap(self, now: float, waiting: bool = False) -> None:
         lim = self.limits
         victims: list[tuple[_Conn, str]] = []
+        stalled: list[_Conn] = []
         with self._lock:
             for c in self._conns.values():
                 if c.closed:
@@ -299,10 +301,13 @@ class _Server(HTTPServer):
                 elif age > lim.connection_timeout:
                     victims.append((c, f"connection open longer than {lim.connection_timeout:g}s"))
                 elif waiting and c.reading and age > lim.evict_after:
-                    # Every stalled request at once: the backlog drains at max_connections per
-                    # evict_after, so a scrape behind a flood waits seconds, not minutes.
-                    victims.append((c, f"request not complete after {age:.1f}s while all {self.cap} "
-                                       "connections were busy"))
+                    stalled.append(c)
+            # Every stalled request at once: the backlog drains at max_connections per evict_after,
+            # so a scrape behind a flood waits seconds, not minutes. A connection with bytes we have
+            # not read yet is not stalled: its handler thread is just behind (a busy CPU).
+            for c in _without_unread(stalled):
+                victims.append((c, f"request not complete after {now - c.t0:.1f}s while all {self.cap} "
+                                   "connections were busy"))
             for c, _ in victims:
                 c.closed = True
         for c, why in victims:
@@ -315,6 +320,24 @@ class _Server(HTTPServer):
     def open_connections(self) -> int:
         with self._lock:
             return len(self._conns)
+
+
+def _without_unread(conns: list[_Conn]) -> list[_Conn]:
+    """The connections whose kernel receive buffer is empty (poll: not readable now)."""
+    if not conns:
+        return []
+    p = select.poll()
+    by_fd = {}
+    for c in conns:
+        try:
+            fd = c.sock.fileno()
+        except (OSError, ValueError):
+            continue
+        if fd >= 0:
+            by_fd[fd] = c
+            p.register(fd, select.POLLIN)
+    readable = {fd for fd, ev in p.poll(0) if ev & select.POLLIN}
+    return [c for fd, c in by_fd.items() if fd not in readable]
 
 
 def make_server(
