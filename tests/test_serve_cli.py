@@ -16,7 +16,7 @@ import time
 import bcrypt
 import pytest
 
-from conftest import free_port, pcietax_cmd, pcietax_env
+from conftest import free_port, needs_root, pcietax_cmd, pcietax_env
 from helpers.tlscerts import make_pki
 
 
@@ -310,3 +310,48 @@ def test_descriptor_flood_leaves_the_sources_their_descriptors(tmp_path):
     assert 'pcietax_source_up{source="procfs"} 1.0' in body
     assert 'pcietax_source_errors_total{source="procfs"} 0.0' in body
     assert "Too many open files" not in err, err
+
+
+@needs_root
+def test_sigterm_with_ebpf_on_exits_within_2s_and_leaves_nothing_in_the_kernel(tmp_path):
+    """Before: 3.8-4.4 s with eBPF on. The probes of a CUDA workload are attached (uprobes) and
+    every tracepoint program is loaded; SIGTERM must end the process within 2 s, and the kernel
+    must hold none of its programs or uprobes afterwards (whether the source's own close finished
+    or the process exit released them)."""
+    from helpers.bpfobj import prog_ids_of, uprobe_events
+    from helpers.scrape import scrape, value
+    from test_ebpf_lifecycle import _wait_gone, _workload
+
+    port = free_port()
+    wl, cudart = _workload("--scenario", "pinned", "--bytes", "1MiB")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen([*pcietax_cmd(), "serve", f"--web.listen-address=127.0.0.1:{port}",
+                              "--target.pid", str(wl.pid), "--cuda.probes", "always", "--no-source.rdma",
+                              "--no-source.pcie", "--no-source.netdev"],
+                             stdout=f, stderr=subprocess.STDOUT, env=pcietax_env())
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert p.poll() is None, log.read_text()
+            try:
+                if value(scrape(f"http://127.0.0.1:{port}/metrics"), "pcietax_source_up", source="ebpf"):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        ids = prog_ids_of(p.pid)
+        assert len(ids) >= 6  # tracepoint and uprobe programs loaded (BCC attaches uprobes via perf here)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 0, log.read_text()
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        wl.send_signal(signal.SIGUSR1)
+        wl.communicate(timeout=60)
+    assert took < 2.0, (took, log.read_text())
+    assert _wait_gone(ids) == set()
+    assert not [e for e in uprobe_events() if cudart in e]
