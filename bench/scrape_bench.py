@@ -18,6 +18,20 @@ between two trees whose counters differ), so no line of /proc/interrupts is the 
 previous read: the worst case for pcietax's unchanged-line cache. --static keeps one tree.
 
     .venv/bin/python bench/scrape_bench.py [--cpus 64] [--irq-lines 1000] [--rounds 40] [--json]
+
+--footprint measures the exporter's own cost at rest instead (issue 13 item 15), side by side in
+one run, each exporter a real process:
+  scrape latency    p50/p99 of --scrapes sequential GET /metrics (Prometheus headers, gzip)
+  CPU per scrape    process CPU (utime+stime) over those scrapes, minus its idle rate over the
+                    same wall time, divided by the number of scrapes
+  idle CPU          process CPU over --idle-seconds with one scrape every 15 s (Prometheus' common
+                    interval), scaled to one hour
+  RSS               VmRSS at the end and VmHWM (peak)
+  start to ready    from exec to the first complete /metrics answer
+pcietax and node_exporter run on the fixture roots; with --ebpf (root, BCC) pcietax also runs on
+this machine's own /sys and /proc with and without the eBPF source, at the same time.
+
+    sudo .venv/bin/python bench/scrape_bench.py --footprint [--idle-seconds 300] [--ebpf] [--json]
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -42,6 +58,7 @@ from helpers.exporters import (  # noqa: E402
     free_port,
     node_exporter_argv,
     pcietax_argv,
+    pcietax_cmd,
     pcietax_env,
     wait_ready,
 )
@@ -190,6 +207,154 @@ def table(r: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+# --- --footprint: the exporter's own cost at rest (kept apart from the scrape comparison above) ---
+
+SCRAPE_INTERVAL = 15.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0])
+    return out
+
+
+def first_complete(argv: list[str], port: int, env: dict[str, str] | None = None,
+                   timeout: float = 180) -> tuple[subprocess.Popen, float]:
+    """Start the exporter; seconds from exec to the first 200 from /metrics (pcietax answers 503
+    until its first complete collection cycle)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited with {proc.returncode}")
+        try:
+            http_scrape(port)
+            return proc, time.monotonic() - t0
+        except (OSError, RuntimeError, http.client.HTTPException):
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError(f"{argv} never answered /metrics")
+
+
+def sources_up(port: int) -> list[str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return sorted(m.group(1) for m in re.finditer(r'^pcietax_source_up\{source="([a-z]+)"\} 1(?:\.0)?$',
+                                                  text, re.M))
+
+
+def footprint(cpus: int, irq_lines: int, scrapes: int, idle_seconds: float, ebpf: bool) -> dict:
+    if NODE_EXPORTER is None:
+        raise SystemExit("prometheus-node-exporter is not installed (scripts/setup.sh --test)")
+    tmp = Path(tempfile.mkdtemp(prefix="pcietax-footprint-"))
+    procs: dict[str, tuple[subprocess.Popen, int]] = {}
+    out: dict = {"fixture": {"gpus": 8, "rdma_ports": 8, "irq_lines": irq_lines, "cpus": cpus},
+                 "scrapes": scrapes, "idle_seconds": idle_seconds, "scrape_interval_s": SCRAPE_INTERVAL,
+                 "exporters": {}}
+    try:
+        node = gpu_node(tmp / "node", ncpu=cpus, irq_lines=irq_lines, scale=1)
+        argvs: dict[str, tuple[list[str], dict[str, str] | None]] = {}
+        ports = {}
+        for name in ("pcietax", "node_exporter") + (("pcietax host, eBPF off", "pcietax host, eBPF on")
+                                                     if ebpf else ()):
+            ports[name] = free_port()
+        argvs["pcietax"] = (pcietax_argv(node.sys, node.proc, ports["pcietax"]), pcietax_env())
+        argvs["node_exporter"] = (node_exporter_argv(node.sys, node.proc, ports["node_exporter"],
+                                                     ["infiniband", "interrupts", "netdev"]), None)
+        if ebpf:
+            # This machine's own roots: NVML absent here (no GPU); only the eBPF source differs.
+            base = [*pcietax_cmd(), "serve", "--path.sysfs=/sys", "--path.procfs=/proc"]
+            for name, flag in (("pcietax host, eBPF off", "--no-source.ebpf"),
+                               ("pcietax host, eBPF on", "--source.ebpf")):
+                argvs[name] = ([*base, f"--web.listen-address=127.0.0.1:{ports[name]}", flag], pcietax_env())
+        for name, (argv, env) in argvs.items():
+            proc, ready = first_complete(argv, ports[name], env)
+            procs[name] = (proc, ports[name])
+            out["exporters"][name] = {"start_to_first_complete_scrape_s": ready}
+        time.sleep(5)  # past start-up work (eBPF calibration, first topology walk)
+
+        # Idle: all exporters side by side, one scrape each every 15 s.
+        cpu0 = {n: cpu_seconds(p.pid) for n, (p, _) in procs.items()}
+        t0 = time.monotonic()
+        while True:
+            for _, port in procs.values():
+                http_scrape(port)
+            left = t0 + idle_seconds - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(SCRAPE_INTERVAL, left))
+        wall = time.monotonic() - t0
+        for n, (p, _) in procs.items():
+            used = cpu_seconds(p.pid) - cpu0[n]
+            out["exporters"][n].update({
+                "idle_cpu_s_per_hour": used / wall * 3600,
+                "idle_cpu_percent_of_a_core": used / wall * 100,
+            })
+
+        # Scrape latency and CPU per scrape: each exporter alone in turn, sequential scrapes.
+        for n, (p, port) in procs.items():
+            lat = []
+            c0, w0 = cpu_seconds(p.pid), time.monotonic()
+            for _ in range(scrapes):
+                lat.append(timed(lambda port=port: http_scrape(port)))
+            used, w = cpu_seconds(p.pid) - c0, time.monotonic() - w0
+            idle_rate = out["exporters"][n]["idle_cpu_s_per_hour"] / 3600
+            lat.sort()
+            out["exporters"][n].update({
+                "scrape_p50_ms": statistics.median(lat) * 1e3,
+                "scrape_p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3,
+                "cpu_ms_per_scrape": max(0.0, used - idle_rate * w) / scrapes * 1e3,
+                "gzip_body_bytes": http_scrape(port),
+                **{k.lower() + "_mib": v / 1024 for k, v in rss_kib(p.pid).items()},
+            })
+            if n.startswith("pcietax"):
+                out["exporters"][n]["sources_up"] = sources_up(port)
+        pt, ne = out["exporters"]["pcietax"], out["exporters"]["node_exporter"]
+        # What each costs per hour at rest when Prometheus scrapes every 15 s (idle already includes
+        # the 240 scrapes an hour).
+        out["ratio_pcietax_over_node_exporter_idle_cpu"] = (
+            pt["idle_cpu_s_per_hour"] / ne["idle_cpu_s_per_hour"] if ne["idle_cpu_s_per_hour"] else None)
+        return out
+    finally:
+        for p, _ in procs.values():
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def footprint_table(r: dict) -> str:
+    f = r["fixture"]
+    cols = [("start_to_first_complete_scrape_s", "start→ready s", ".2f"), ("scrape_p50_ms", "p50 ms", ".1f"),
+            ("scrape_p99_ms", "p99 ms", ".1f"), ("cpu_ms_per_scrape", "CPU ms/scrape", ".1f"),
+            ("idle_cpu_s_per_hour", "idle CPU s/h", ".1f"), ("vmrss_mib", "RSS MiB", ".1f"),
+            ("vmhwm_mib", "peak RSS MiB", ".1f")]
+    rows = [f"fixture: {f['gpus']} GPUs, {f['rdma_ports']} RDMA ports, {f['irq_lines']} IRQ lines, "
+            f"{f['cpus']} CPUs; {r['scrapes']} scrapes each; idle: {r['idle_seconds']:g} s with a "
+            f"scrape every {r['scrape_interval_s']:g} s", "",
+            f"{'exporter':<26}" + "".join(f"{h:>15}" for _, h, _ in cols)]
+    for n, v in r["exporters"].items():
+        rows.append(f"{n:<26}" + "".join(f"{v.get(k, float('nan')):>15{fmt}}" for k, _, fmt in cols))
+    for n, v in r["exporters"].items():
+        if "sources_up" in v:
+            rows.append(f"{n}: sources up: {', '.join(v['sources_up'])}")
+    ratio = r.get("ratio_pcietax_over_node_exporter_idle_cpu")
+    if ratio is not None:
+        rows += ["", f"idle CPU at a 15 s scrape interval, pcietax / node_exporter: {ratio:.2f}"]
+    return "\n".join(rows) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpus", type=int, default=64)
@@ -198,7 +363,17 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--static", action="store_true", help="counters do not change between rounds")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--footprint", action="store_true",
+                   help="measure the cost at rest instead: latency, CPU per scrape, idle CPU, RSS, start")
+    p.add_argument("--scrapes", type=int, default=200, help="--footprint: sequential scrapes per exporter")
+    p.add_argument("--idle-seconds", type=float, default=300.0, help="--footprint: idle window")
+    p.add_argument("--ebpf", action="store_true",
+                   help="--footprint: also pcietax on this host's roots with and without eBPF (root, BCC)")
     a = p.parse_args()
+    if a.footprint:
+        r = footprint(a.cpus, a.irq_lines, a.scrapes, a.idle_seconds, a.ebpf)
+        sys.stdout.write(json.dumps(r, indent=2) + "\n" if a.json else footprint_table(r))
+        return 0
     r = run(a.cpus, a.irq_lines, a.rounds, a.warmup, a.static)
     sys.stdout.write(json.dumps(r, indent=2) + "\n" if a.json else table(r))
     return 0

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from pcietax.argtypes import duration, size, size_or_zero
+from pcietax.argtypes import duration, duration_between, size, size_or_zero
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,38 @@ def test_zero_size_only_where_allowed():
     assert size_or_zero("0") == 0
     with pytest.raises(argparse.ArgumentTypeError, match="must be positive"):
         size("0")
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan", "1e400", "1" * 400, "1_000", "0x10", "١٢"])
+def test_non_finite_and_absurd_sizes_are_refused(bad):
+    """Before, float('inf') reached int() and raised OverflowError: a traceback and exit 1."""
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a size"):
+        size_or_zero(bad)
+
+
+def test_sizes_above_one_exbibyte_are_too_large():
+    with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+        size_or_zero("2000000Ti")
+    assert size_or_zero("1024Ti") == 1 << 50
+
+
+@pytest.mark.parametrize("bad", ["99999999999h", "1" * 29 + "s", "87601h"])
+def test_durations_that_no_wait_can_take_are_refused(bad):
+    """Before, 99999999999h reached threading.Event.wait, whose OverflowError killed the
+    collection thread: the first cycle was served forever."""
+    with pytest.raises(argparse.ArgumentTypeError, match="too long"):
+        duration(bad)
+
+
+@pytest.mark.parametrize("bad", ["1" * 400 + "s", "inf", "nan", "1e3s"])
+def test_non_numbers_are_not_durations(bad):
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a duration"):
+        duration(bad)
+
+
+def test_bounded_durations_name_the_range():
+    interval = duration_between(0.01, 3600)
+    assert interval("1h") == 3600 and interval("10ms") == pytest.approx(0.01)
+    for bad in ("2h", "5ms"):
+        with pytest.raises(argparse.ArgumentTypeError, match="out of range: give 10ms to 1h"):
+            interval(bad)

@@ -128,7 +128,9 @@ def test_every_panel_query_has_data_on_this_machine(tmp_path):
     # As root with the eBPF source and the reference workload in the tree, the workload moves data
     # through every staged scenario and feeds its TTFT histogram, so those panels must show it too.
     workload = HAVE_WORKLOAD and os.geteuid() == 0 and importlib.util.find_spec("bcc") is not None
-    extra = ["--target.comm", f"^{COMM}$", "--cuda.probes", "always"] if workload else []
+    # --nic lo: the workload's peer is on loopback, which is network payload only when lo is a
+    # selected NIC (DESIGN.md section 1).
+    extra = ["--target.comm", f"^{COMM}$", "--cuda.probes", "always", "--nic", "lo"] if workload else []
     exporter = subprocess.Popen(
         [*pcietax_cmd(), "serve", "--web.listen-address", f"127.0.0.1:{port}", *extra],
         env=pcietax_env(), stdout=log, stderr=subprocess.STDOUT)

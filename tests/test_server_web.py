@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers.tlscerts import Pki, make_pki
 from pcietax.engine import Engine
 from pcietax.model import TaxModel
-from pcietax.server import make_server, parse_listen_address
+from pcietax.server import Limits, accepts_gzip, make_server, parse_listen_address
 from pcietax.sinks.prometheus import PcietaxCollector
 from pcietax.sources.base import Snapshot
 from pcietax.webconfig import WebConfig, WebConfigSource, load
@@ -262,9 +262,8 @@ http_server_config:
             assert code == 401, h
             assert hdr["www-authenticate"].startswith("Basic ")
             assert hdr["x-content-type-options"] == "nosniff"
-        for path in ("/", "/-/healthy"):
-            assert get(port, path)[0] == 401
-            assert get(port, path, headers=basic("prom", PASSWORD))[0] == 200
+        assert get(port, "/")[0] == 401
+        assert get(port, "/", headers=basic("prom", PASSWORD))[0] == 200
 
 
 def test_tls_and_basic_auth_together(tmp_path, pki, engine):
@@ -462,3 +461,206 @@ def test_reload_checks_at_most_once_per_interval(tmp_path):
     assert src.current() is first  # not yet due: no stat, no reload
     now[0] = 1.0
     assert src.current().users == {"prom": HASH}
+
+
+# --- hardening (issue 13 items 2-5): every attack against a real socket on loopback -------------
+
+
+def slow_client(port: int, stop: threading.Event, closed: list[float], period: float = 0.2,
+                data: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10_000) -> None:
+    """A slowloris: one byte every ``period`` (each byte resets a per-receive timeout) and never
+    the end of the headers. Appends how long it was connected once the server closes it."""
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            for b in data:
+                if stop.is_set():
+                    return
+                s.sendall(bytes([b]))
+                time.sleep(period)
+    except OSError:
+        pass  # the server closed it (reset or broken pipe): what we wait for
+    closed.append(time.monotonic() - t0)
+
+
+@contextmanager
+def serving_with(engine: Engine, limits: Limits, web: WebConfig | None = None,
+                 ready=None) -> Iterator[tuple[int, object]]:
+    srv = make_server("127.0.0.1:0", registry_for(engine), web, limits=limits, ready=ready)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1], srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(10)
+
+
+def test_whole_request_deadline_closes_a_trickling_client(engine):
+    """Before: the 30 s timeout was per receive, so one byte every 0.2 s held the connection forever."""
+    stop = threading.Event()
+    closed: list[float] = []
+    with serving_with(engine, Limits(request_timeout=1.0)) as (port, _srv):
+        t = threading.Thread(target=slow_client, args=(port, stop, closed))
+        t.start()
+        t.join(15)
+        stop.set()
+        assert closed, "the trickling client was never closed"
+        assert 0.9 <= closed[0] < 5.0, closed  # the whole-request deadline, not the per-byte timeout
+        assert get(port)[0] == 200
+
+
+def test_tls_handshake_deadline(tmp_path, pki, engine):
+    """A client that connects to the TLS port and never completes the handshake."""
+    web = web_config(tmp_path, f"tls_server_config:\n  cert_file: {pki.server_cert}\n"
+                               f"  key_file: {pki.server_key}\n")
+    stop = threading.Event()
+    closed: list[float] = []
+    hello = bytes.fromhex("16030100") + b"\x02" * 600  # a ClientHello record header, then drip
+    with serving_with(engine, Limits(request_timeout=1.0), web) as (port, _srv):
+        t = threading.Thread(target=slow_client, args=(port, stop, closed, 0.1, hello))
+        t.start()
+        t.join(15)
+        stop.set()
+        assert closed and closed[0] < 5.0, closed
+        assert get(port, ctx=client_ctx(pki))[0] == 200
+
+
+def test_slowloris_flood_neither_starves_scrapes_nor_descriptors(engine):
+    """100 slowloris clients that reconnect as soon as they are closed, against 8 connection
+    slots: the server never holds more than 8 connections (so no more descriptors), scrapes
+    arriving meanwhile are answered (stalled requests make room), and the accept loop does not spin."""
+    limits = Limits(max_connections=8, request_timeout=5.0, evict_after=0.2)
+    stop = threading.Event()
+    closed: list[float] = []
+
+    def attacker() -> None:
+        while not stop.is_set():
+            slow_client(port, stop, closed, 0.5)
+
+    with serving_with(engine, limits) as (port, srv):
+        attackers = [threading.Thread(target=attacker, daemon=True) for _ in range(100)]
+        for a in attackers:
+            a.start()
+        cpu0, t0 = time.process_time(), time.monotonic()
+        peak = 0
+        try:
+            time.sleep(1.0)
+            for _ in range(3):
+                code, _, body = get(port)
+                assert code == 200 and "pcietax_build_info" in families(body)
+                peak = max(peak, srv.open_connections())
+        finally:
+            stop.set()
+        busy, wall = time.process_time() - cpu0, time.monotonic() - t0
+        for a in attackers:
+            a.join(10)
+    assert peak <= 8 and srv.cap == 8
+    assert len(closed) > 50  # the attack really ran: stalled requests were closed and came back
+    # Not a spinning accept loop: this process (server, 100 attackers and the scraper together)
+    # used well under one core for the time it ran.
+    assert busy < 0.8 * wall, (busy, wall)
+
+
+def test_connections_are_capped_to_keep_descriptors_for_sources(engine, monkeypatch):
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (300, hard))
+    from pcietax import server
+
+    assert server.connection_cap(Limits(max_connections=64, fd_reserve=256)) == 44
+    assert server.connection_cap(Limits(max_connections=64, fd_reserve=1000)) == 1
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (65536, hard))
+    assert server.connection_cap(Limits()) == 64
+
+
+def test_long_password_gets_401_and_401s_are_logged_at_info_rate_limited(tmp_path, engine, caplog):
+    """bcrypt 5 raises ValueError for a password over 72 bytes: before, the connection dropped
+    with no answer at all."""
+    web = web_config(tmp_path, f"basic_auth_users:\n  prom: {HASH.decode()}\n")
+    with caplog.at_level("INFO", logger="pcietax"), serving(engine, web) as port:
+        for pw in ("x" * 73, "é" * 40, PASSWORD + "x" * 100):
+            code, hdr, _ = get(port, headers=basic("prom", pw))
+            assert code == 401 and hdr["www-authenticate"].startswith("Basic "), pw
+        for _ in range(30):
+            assert get(port, headers=basic("prom", "wrong"))[0] == 401
+        assert get(port, headers=basic("prom", PASSWORD))[0] == 200
+    lines = [r for r in caplog.records if r.getMessage().startswith("401 for")]
+    assert lines and all(r.levelname == "INFO" for r in lines)
+    assert "longer than bcrypt's 72 bytes" in lines[0].getMessage()
+    assert len(lines) == 1  # 33 refusals within a minute: one line (the next says how many more)
+
+
+def test_rate_limited_log_counts_what_it_left_out(caplog):
+    from pcietax.server import RateLimitedLog
+
+    now = [0.0]
+    say = RateLimitedLog(60.0, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="pcietax"):
+        for _ in range(5):
+            say("401 for %s", "x")
+        now[0] = 61.0
+        say("401 for %s", "y")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["401 for x", "401 for y (4 more since the last such line)"]
+
+
+def test_server_header_has_no_python_version(engine):
+    with serving(engine) as port:
+        for path in ("/metrics", "/nope"):
+            _, hdr, _ = get(port, path)
+            assert hdr["server"].startswith("pcietax/") and "Python" not in hdr["server"], hdr
+        # Errors that http.server writes itself (here 501 for an unknown method) too.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("BREW", "/metrics")
+        r = conn.getresponse()
+        assert r.status == 501 and "Python" not in (r.getheader("Server") or "")
+        conn.close()
+
+
+@pytest.mark.parametrize(("header", "gz"), [
+    ("gzip", True), ("gzip;q=0", False), ("gzip; q=0.0", False), ("GZIP;Q=0.5", True),
+    ("identity", False), ("*", True), ("*;q=0", False), ("gzip;q=0, *", False), ("br, *;q=0.1", True),
+    ("deflate, gzip;q=0.001", True), ("gzip;q=junk", False), ("", False),
+])
+def test_accept_encoding_q_values(engine, header, gz):
+    assert accepts_gzip(header) is gz
+    with serving(engine) as port:
+        code, hdr, body = get(port, headers={"Accept-Encoding": header})
+        assert code == 200 and ("content-encoding" in hdr) is gz
+        if not gz:
+            assert "pcietax_build_info" in families(body)
+
+
+def test_health_and_ready_need_no_credentials_and_ready_waits_for_the_first_cycle(tmp_path, engine):
+    web = web_config(tmp_path, f"basic_auth_users:\n  prom: {HASH.decode()}\n")
+    ready = threading.Event()
+    with serving_with(engine, Limits(), web, ready=ready.is_set) as (port, _):
+        assert get(port, "/-/healthy") == (200, get(port, "/-/healthy")[1], b"OK\n")
+        code, _, body = get(port, "/-/ready")
+        assert code == 503 and b"first collection cycle" in body
+        assert get(port, headers=basic("prom", PASSWORD))[0] == 503  # nothing to serve yet
+        assert get(port)[0] == 401  # ... and still nothing without credentials
+        ready.set()
+        assert get(port, "/-/ready")[0] == 200
+        assert get(port, headers=basic("prom", PASSWORD))[0] == 200
+        for path in ("/metrics", "/", "/-/healthyx", "/-/ready/.."):
+            assert get(port, path)[0] == 401, path
+
+
+def test_a_failing_render_answers_500(engine):
+    class Broken:
+        def render(self, _ctype):
+            raise RuntimeError("boom")
+
+    srv = make_server("127.0.0.1:0", Broken())
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        assert get(srv.server_address[1])[0] == 500
+        assert get(srv.server_address[1], "/-/healthy")[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()

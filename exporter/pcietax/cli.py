@@ -4,16 +4,21 @@ with a message that names the flag and the fix."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
+import os
 import re
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__, top, topo_cli
-from .argtypes import duration, size_or_zero
+from .argtypes import duration_between, size_or_zero
 from .sources import SourceOptions
 
 log = logging.getLogger("pcietax")
@@ -39,6 +44,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="exporter-toolkit web config (TLS, basic auth)")
     p.add_argument("--path.sysfs", dest="sysfs", default="/sys", help="sysfs mount point")
     p.add_argument("--path.procfs", dest="procfs", default="/proc", help="procfs mount point")
+    p.add_argument("--path.pods", dest="pods", default="/var/log/pods", metavar="DIR",
+                   help="the kubelet's pod log directory, read to name the namespace, pod and container "
+                        "of traced processes (default /var/log/pods; empty disables; absent: no pod labels)")
     for spec in SOURCES:
         p.add_argument(f"--source.{spec.name}", dest=f"source_{spec.name}",
                        action=argparse.BooleanOptionalAction, default=True, help=spec.help)
@@ -60,16 +68,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe.budget", dest="probe_budget", type=_budget, default=None, metavar="CPU_S_PER_S",
                    help="CPU seconds per second all eBPF probes together may cost; each probe group's "
                         "duty cycle follows from its measured cost (default 0.005; docs/ebpf.md)")
-    p.add_argument("--ratio.window", dest="ratio_window", type=duration, default=10.0,
+    p.add_argument("--ratio.window", dest="ratio_window", type=duration_between(0.01, 86400), default=10.0,
                    help="window of the live tax ratio (default 10s)")
     p.add_argument("--ratio.min-useful-bytes", dest="ratio_min_useful", type=size_or_zero, default=1 << 20,
                    help="useful bytes a direction must carry within the window for its ratio to be "
                         "exported (default 1MiB; below that the ratio is absent, not huge)")
-    p.add_argument("--collect.interval", dest="collect_interval", type=duration, default=1.0,
-                   help="how often sources are read (default 1s); scrapes render the latest read")
+    p.add_argument("--collect.interval", dest="collect_interval", type=duration_between(0.01, 3600),
+                   default=1.0, help="how often sources are read (default 1s, 10ms to 1h); scrapes "
+                                     "render the latest read")
     p.add_argument("--otlp.endpoint", dest="otlp_endpoint", default=None, metavar="URL",
                    help="also push the same metrics over OTLP/HTTP, e.g. http://collector:4318/v1/metrics")
-    p.add_argument("--otlp.interval", dest="otlp_interval", type=duration, default=15.0,
+    p.add_argument("--otlp.interval", dest="otlp_interval", type=duration_between(0.1, 86400), default=15.0,
                    help="OTLP push interval (default 15s)")
     p.add_argument("--otlp.header", dest="otlp_header", action="append", default=[], metavar="KEY=VALUE",
                    help="HTTP header for OTLP pushes (repeatable), e.g. an auth token")
@@ -132,19 +141,41 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def options_from_args(args: argparse.Namespace) -> SourceOptions:
-
-    return SourceOptions(
+    opts = SourceOptions(
         sysfs=args.sysfs, procfs=args.procfs, nics=args.nic, target_pids=args.target_pid,
         target_comm=args.target_comm, target_cgroup=args.target_cgroup, cuda_libs=args.cuda_lib,
         cuda_probes=args.cuda_probes, memcpy_probe=args.memcpy_probe,
         probe_budget=args.probe_budget,
     )
+    if getattr(args, "pods", ""):
+        from pathlib import Path
+
+        from .sources.pods import PodResolver
+
+        # Cheap to build (no I/O until a lookup); outside Kubernetes every lookup is None.
+        opts.pod_resolver = PodResolver(Path(args.pods))
+    return opts
+
+
+# SIGTERM to exit: whatever a source's close or a sink's last push is doing, the process is gone
+# within 2 s (systemd and the kubelet escalate to SIGKILL after their own grace period anyway).
+SHUTDOWN_BUDGET = 1.7
+
+
+def _check_roots(args: argparse.Namespace) -> str | None:
+    for flag, path, what in (("--path.sysfs", args.sysfs, "sysfs (/sys, or /host/sys in a container)"),
+                             ("--path.procfs", args.procfs, "procfs (/proc, or /host/proc in a container)")):
+        if not os.path.isdir(path):
+            return f"{flag} {path}: no such directory; give the mount point of {what}"
+        if not os.access(path, os.R_OK | os.X_OK):
+            return f"{flag} {path}: not readable by this user"
+    return None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .model import TaxModel
-    from .server import make_server
+    from .server import make_server, raise_nofile_limit
     from .sinks.prometheus import PcietaxRegistry
     from .sources import SOURCES
     from .webconfig import WebConfigError, WebConfigSource
@@ -153,6 +184,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper().replace("WARN", "WARNING")),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Signals first: a SIGHUP while sources start must not kill the process (its default action).
+    # The handlers only record; the main thread waits on the wakeup fd, to which the interpreter
+    # writes each signal's number. (Setting a threading.Event from a handler can deadlock: the
+    # handler runs in the main thread, which may hold the Event's lock while it waits on it.)
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    got: set[int] = set()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: got.add(signum))
     if args.target_comm:
         try:
             re.compile(args.target_comm)
@@ -160,17 +201,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"pcietax serve: --target.comm {args.target_comm!r} is not a valid regex: {e}",
                   file=sys.stderr)
             return 2
+    bad_root = _check_roots(args)
+    if bad_root:
+        print(f"pcietax serve: {bad_root}", file=sys.stderr)
+        return 2
     try:
         web = WebConfigSource(args.web_config) if args.web_config else None
     except WebConfigError as e:
         print(f"pcietax serve: {e}", file=sys.stderr)
         return 2
+    raise_nofile_limit()
     opts = options_from_args(args)
     enabled = [s for s in SOURCES if getattr(args, f"source_{s.name}")]
     engine = Engine([s.build(opts) for s in enabled], TaxModel(args.ratio_window, args.ratio_min_useful))
     registry = PcietaxRegistry(engine.frame, [s.name for s in enabled])
     try:
-        server = make_server(args.listen, registry, web)
+        server = make_server(args.listen, registry, web, ready=engine.ready)
     except ValueError as e:
         print(f"pcietax serve: {e}", file=sys.stderr)
         return 2
@@ -196,27 +242,88 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"pcietax serve: {e}", file=sys.stderr)
             server.server_close()
             return 2
-    engine.start_sources()
-    engine.run_in_background(args.collect_interval)
+    # Serve at once: /-/healthy answers while sources start (an eBPF compile takes seconds), and
+    # /-/ready and /metrics say 503 until the first complete collection cycle.
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                               name="pcietax-http-accept", daemon=True)
+    serving.start()
     log.info("listening on %s (%s)", args.listen, "TLS" if web and web.ssl_context else "plain HTTP")
+    t_start = time.monotonic()
+    failed: list[bool] = []
 
-    stop = threading.Event()
+    def startup() -> None:
+        try:
+            engine.start_sources()
+            if not got & {signal.SIGTERM, signal.SIGINT}:
+                engine.run_in_background(args.collect_interval)
+                log.info("first collection cycle complete after %.2fs: ready", time.monotonic() - t_start)
+        except Exception:
+            log.exception("start failed")
+            failed.append(True)
+            wake_w.send(bytes([signal.SIGTERM]))
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: shutting down", signum)
-        stop.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
+    threading.Thread(target=startup, name="pcietax-start", daemon=True).start()
+    stopping: set[int] = set()
+    while not stopping:
+        for signum in wake_r.recv(64):  # the numbers of the signals that arrived, in order
+            if signum == signal.SIGHUP:
+                _reload(web)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                stopping.add(signum)
+    log.info("signal %s: shutting down", "/".join(signal.Signals(s).name for s in sorted(stopping)))
+    rc = _shutdown(server, engine, otlp)
+    return 1 if failed else rc
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        if otlp is not None:
-            otlp.close()  # a last push with the final counters
-        engine.close()  # detaches every probe before we exit
-        server.server_close()
+
+def _reload(web: Any) -> None:
+    if web is None:
+        log.info("SIGHUP: no --web.config.file to re-read; nothing else is reloaded")
+        return
+    web.reload()
+
+
+def _shutdown(server: Any, engine: Any, otlp: Any) -> int:
+    deadline = time.monotonic() + SHUTDOWN_BUDGET
+    left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+    late: list[str] = []
+    steps = [threading.Thread(target=server.shutdown, name="http", daemon=True),
+             threading.Thread(target=lambda: late.extend(engine.close(SHUTDOWN_BUDGET - 0.2) or []),
+                              name="sources", daemon=True)]
+    # The last OTLP push (final counters) runs beside closing the sources.
+    if otlp is not None:
+        steps.append(threading.Thread(target=_close_sink, args=(otlp, SHUTDOWN_BUDGET - 0.2), name="otlp",
+                                      daemon=True))
+    for t in steps:
+        t.start()
+    for t in steps:
+        t.join(left())
+    server.server_close()
+    others = [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    for t in others:  # the engine's pool threads leave once their read returns
+        t.join(left())
+    stuck = late + [t.name for t in steps + others if t.is_alive()]
+    if stuck:
+        # A hung source read, close or sink push: the interpreter's exit would wait for it (pool
+        # threads are joined at exit) or race it (BCC's own atexit cleanup). Leave now; the kernel
+        # detaches every probe with the process.
+        log.warning("shutdown: %s still running after %.1fs; exiting without them", ", ".join(stuck),
+                    SHUTDOWN_BUDGET)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _close_sink(sink: Any, timeout: float) -> None:
+    close = sink.close
+    try:
+        if "timeout" in inspect.signature(close).parameters:
+            close(timeout=timeout)
+        else:
+            close()
+    except Exception as e:  # a failed last push must not stop the shutdown
+        log.warning("OTLP: close failed: %s", e)
 
 
 AddParser = Callable[[argparse._SubParsersAction], None]

@@ -111,21 +111,41 @@ class Engine:
         for slot in self._slots:
             self._poll_start(slot, max(0.0, deadline - time.monotonic()))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> list[str]:
+        """Stop collecting and close every source within ``timeout`` seconds in all: sources close
+        in parallel, and one whose close (or start) is still running at the deadline is left to
+        the process exit (the kernel detaches probes with the process): their names are returned."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
-        for slot in self._slots:
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+        def close_one(slot: _Slot) -> None:
             if slot.starting is not None:
                 # A start still running would leave its probes attached after we close: wait for it.
-                self._poll_start(slot, 10.0)
+                self._poll_start(slot, max(0.0, deadline - time.monotonic()))
             if slot.started:
                 try:
                     slot.source.close()
                 except Exception as e:  # closing must go on for every source
                     log.warning("source %s: close failed: %s", slot.source.name, e)
                 slot.started = False
+
+        closers = [threading.Thread(target=close_one, args=(slot,), daemon=True,
+                                    name=f"pcietax-close-{slot.source.name}") for slot in self._slots]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        late = [slot.source.name for slot, t in zip(self._slots, closers, strict=True) if t.is_alive()]
+        if late:
+            log.warning("sources %s did not close within %.1fs; not waiting for them", late, timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        return late
+
+    def ready(self) -> bool:
+        """True once a complete collection cycle has run (readiness: /-/ready)."""
+        return self._frame is not None
 
     def run_in_background(self, interval: float) -> None:
         """Collect every ``interval`` seconds in a daemon thread (the first cycle runs now)."""

@@ -306,6 +306,13 @@ class WebConfigSource:
     def ssl_context(self) -> ssl.SSLContext | None:
         return self.current().ssl_context
 
+    def reload(self) -> bool:
+        """Re-read the file now, changed or not (SIGHUP). False when the new text does not load:
+        the previous config stays in force, as for an edit noticed by stat()."""
+        with self._lock:
+            self._next = self._clock() + self._interval
+            return self._load(_signature(self._cfg.files), forced=True)
+
     def current(self) -> WebConfig:
         if self._clock() < self._next:
             return self._cfg
@@ -315,22 +322,27 @@ class WebConfigSource:
                 return self._cfg
             self._next = now + self._interval
             sig = _signature(self._cfg.files)
-            if sig in (self._sig, self._bad):
-                return self._cfg
-            try:
-                new = load(self.path)
-            except WebConfigError as e:
-                # Logged once per broken state; a rotation that writes the certificate and then
-                # the key passes through one such state and recovers at the next check.
-                self._bad = sig
-                log.error("%s; keeping the previous web config until the file is fixed", e)
-                return self._cfg
-            if (new.ssl_context is None) != (self._cfg.ssl_context is None):
-                self._bad = sig
-                log.error("--web.config.file %s: TLS cannot be switched %s while running; restart "
-                          "pcietax; keeping the previous web config", self.path,
-                          "on" if new.ssl_context else "off")
-                return self._cfg
-            self._cfg, self._sig, self._bad = new, _signature(new.files), None
-            log.info("--web.config.file %s: reloaded", self.path)
-            return new
+            if sig not in (self._sig, self._bad):
+                self._load(sig)
+            return self._cfg
+
+    def _load(self, sig: Signature, forced: bool = False) -> bool:
+        """Load the file (the caller holds the lock); True when the new config is in force."""
+        why = " (SIGHUP)" if forced else ""
+        try:
+            new = load(self.path)
+        except WebConfigError as e:
+            # Logged once per broken state; a rotation that writes the certificate and then
+            # the key passes through one such state and recovers at the next check.
+            self._bad = sig
+            log.error("%s%s; keeping the previous web config until the file is fixed", e, why)
+            return False
+        if (new.ssl_context is None) != (self._cfg.ssl_context is None):
+            self._bad = sig
+            log.error("--web.config.file %s: TLS cannot be switched %s while running; restart "
+                      "pcietax; keeping the previous web config", self.path,
+                      "on" if new.ssl_context else "off")
+            return False
+        self._cfg, self._sig, self._bad = new, _signature(new.files), None
+        log.info("--web.config.file %s: reloaded%s", self.path, why)
+        return True

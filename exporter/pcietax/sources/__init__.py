@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import Source
 
@@ -24,7 +25,8 @@ class SourceOptions:
     cuda_probes: str = "sampled"
     memcpy_probe: bool = False
     probe_budget: float | None = None  # eBPF CPU budget (CPU s/s); None = the source's default
-    pod_resolver: object | None = None  # sources.pods.PodResolver, or None outside Kubernetes
+    # --path.pods: names the namespace/pod/container of traced processes (sources/pods.PodResolver).
+    pod_resolver: Any = None
 
 
 @dataclass(frozen=True)
@@ -44,19 +46,13 @@ def _nvml(o: SourceOptions) -> Source:
 def _ebpf(o: SourceOptions) -> Source:
     from .ebpf import DEFAULT_BUDGET, EbpfSource
 
+    # None (--path.pods '' or outside the CLI): no pod labels.
     resolver = o.pod_resolver
-    if resolver is None:
-        try:
-            from .pods import PodResolver  # type: ignore[import-not-found]  # issue 12 item 6
-
-            resolver = PodResolver()
-        except ImportError:
-            resolver = None
     return EbpfSource(procfs=o.procfs, sysfs=o.sysfs, nics=o.nics, target_pids=o.target_pids,
                       target_comm=o.target_comm, target_cgroup=o.target_cgroup,
                       cuda_libs_given=o.cuda_libs, cuda_probes=o.cuda_probes, memcpy=o.memcpy_probe,
                       probe_budget=o.probe_budget if o.probe_budget is not None else DEFAULT_BUDGET,
-                      pod_resolver=resolver)  # type: ignore[arg-type]
+                      pod_resolver=resolver)
 
 
 def _netdev(o: SourceOptions) -> Source:
