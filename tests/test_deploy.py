@@ -689,7 +689,7 @@ def _serve_in_sandbox(log: Path, hide_modules: bool) -> tuple[str, str]:
                     reason="needs root, unshare and setpriv (util-linux)")
 @pytest.mark.skipif(not Path(f"/lib/modules/{os.uname().release}/build").exists(),
                     reason="no kernel headers for the running kernel: the eBPF source cannot start anyway")
-@pytest.mark.xfail(reason='fails on a fresh clone under /tmp (maps-readable); passes in the work tree: open, see the closing note', strict=False)
+@pytest.mark.xfail(reason='fails on a fresh clone under /tmp (maps-readable); passes in the work tree: open, see the closing note', strict=False)  # noqa: E501
 def test_ebpf_source_works_in_the_units_file_system_sandbox_and_not_with_protect_kernel_modules(tmp_path):
     """The unit's file-system sandbox rebuilt with mount namespaces (ProtectSystem=strict,
     PrivateTmp, ProtectProc=invisible, ProtectKernelTunables, the capability bounding set): the eBPF
