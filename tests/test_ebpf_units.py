@@ -144,11 +144,11 @@ def test_library_kinds():
 
 def test_ifunc_offset_is_relative_to_the_libc_load_base():
     base = 0x7F1C30000000
-    path, b = _module_of(base + 0x181F00 + 0x28000, MAPS.replace(
-        "7f1c30000000-7f1c30100000 r-xp 00000000", "7f1c30000000-7f1c30300000 r-xp 00000000"))
+    path, b = _module_of(base + 0x181F00 + 0x28000, MAPS.encode().replace(
+        b"7f1c30000000-7f1c30100000 r-xp 00000000", b"7f1c30000000-7f1c30300000 r-xp 00000000"))
     assert path.endswith("libc.so.6") and b == base
     with pytest.raises(IfuncError, match="not in a mapped file"):
-        _module_of(0x1000, MAPS)
+        _module_of(0x1000, MAPS.encode())
 
 
 @pytest.mark.skipif(not shutil.which("readelf"), reason="needs readelf (binutils)")

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import procmaps
+
 RUNTIME_RE = re.compile(r"/libcudart\.so[.\d]*$")
 DRIVER_RE = re.compile(r"/libcuda\.so[.\d]*$")
 LIBC_RE = re.compile(r"/libc\.so\.6$|/libc-[\d.]+\.so$")
@@ -68,27 +70,11 @@ def lib_kind(path: str) -> str | None:
     return None
 
 
-MAX_MAPS_BYTES = 64 << 20  # /proc/PID/maps of a huge process is a few MB; never read more
-
-
 def mapped_files(procfs: Path, pid: int) -> list[str]:
-    """Distinct file paths mapped by a process (its own view; may be inside a container). Read as
-    bytes, once: a path that is not UTF-8 (any user can map one) is kept with surrogateescape, so
-    it still names the same file when used as a path again."""
-    try:
-        with open(procfs / str(pid) / "maps", "rb") as f:
-            text = f.read(MAX_MAPS_BYTES)
-    except OSError:
-        return []
-    seen: dict[str, None] = {}
-    for line in text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].startswith(b"/"):
-            path = parts[5]
-            if path.endswith(b" (deleted)"):
-                continue
-            seen[os.fsdecode(path)] = None
-    return list(seen)
+    """Distinct file paths mapped by a process (its own view; may be inside a container), or []
+    when it is gone. Paths that are not UTF-8 (any user can map one) keep surrogateescape, so they
+    still name the same file when used as a path again."""
+    return procmaps.mapped_files(procmaps.process_maps(procfs, pid))
 
 
 def discover(procfs: Path, pid: int, patterns: re.Pattern[str] | tuple[re.Pattern[str], ...],

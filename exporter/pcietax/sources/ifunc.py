@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from pathlib import Path
+
+from ..procmaps import module_of, parse_maps, read_maps
 
 
 class IfuncError(RuntimeError):
@@ -28,23 +29,13 @@ def resolved_memcpy(maps: str = "/proc/self/maps") -> tuple[str, int]:
     addr = ctypes.cast(libc.memcpy, ctypes.c_void_p).value
     if not addr:
         raise IfuncError("dlsym(memcpy) returned NULL")
-    path, base = _module_of(addr, Path(maps).read_bytes().decode("utf-8", errors="surrogateescape"))
+    path, base = _module_of(addr, read_maps(maps))
     return path, addr - base
 
 
-def _module_of(addr: int, maps_text: str) -> tuple[str, int]:
+def _module_of(addr: int, maps_text: bytes) -> tuple[str, int]:
     """The file mapping ``addr`` and its load base (start of its offset-0 mapping)."""
-    rows = []
-    for line in maps_text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 6 or not parts[5].startswith("/"):
-            continue
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        rows.append((lo, hi, int(parts[2], 16), parts[5]))
-    for lo, hi, _off, path in rows:
-        if lo <= addr < hi:
-            bases = [r[0] for r in rows if r[3] == path and r[2] == 0]
-            if not bases:
-                raise IfuncError(f"no offset-0 mapping of {path}")
-            return path, min(bases)
-    raise IfuncError(f"address {addr:#x} is not in a mapped file")
+    found = module_of(addr, parse_maps(maps_text))
+    if found is None:
+        raise IfuncError(f"address {addr:#x} is not in a mapped file with an offset-0 mapping")
+    return found

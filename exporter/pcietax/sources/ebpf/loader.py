@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ...procmaps import parse_maps, read_maps
 from ..base import SourceAbsent, SourceUnavailable
 from . import defs
 
@@ -143,12 +144,9 @@ def release_heap(maps: str = "/proc/self/maps") -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.malloc_trim(0)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open(maps, "rb") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and _COMPILER_LIBS.search(parts[5]):
-                    lo, hi = (int(x, 16) for x in parts[0].split(b"-"))
-                    libc.madvise(lo, hi - lo, _MADV_PAGEOUT)  # refused on old kernels: harmless
+        for m in parse_maps(read_maps(maps)):
+            if _COMPILER_LIBS.search(m.path):
+                libc.madvise(m.start, m.end - m.start, _MADV_PAGEOUT)  # refused on old kernels: harmless
 
 
 _CHILD = """

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import procmaps
 from . import elf
 
 log = logging.getLogger("pcietax")
@@ -148,9 +149,7 @@ def calibrate(attach_uprobe: Callable[[str, int], Callable[[], None] | None],
 
 
 def _libc_path() -> str:
-    with open("/proc/self/maps", "rb") as f:
-        for line in f:
-            parts = line.split(None, 5)
-            if len(parts) == 6 and (parts[5].rstrip().endswith(b"/libc.so.6")):
-                return os.fsdecode(parts[5].rstrip())
+    for path in procmaps.mapped_files(procmaps.process_maps("/proc", "self")):
+        if path.endswith("/libc.so.6"):
+            return path
     return "/lib/x86_64-linux-gnu/libc.so.6"
