@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -566,19 +567,6 @@ def test_systemd_analyze_verify_catches_a_typo(tmp_path):
     assert "Unknown key" in r.stderr
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze (systemd)")
-def test_systemd_unit_is_hardened(tmp_path):
-    r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(runnable_unit(tmp_path))],
-                       capture_output=True, text=True, timeout=120)
-    m = re.search(r"Overall exposure level for pcietax.service: ([\d.]+)", r.stdout + r.stderr)
-    if r.returncode and not m:
-        pytest.skip(f"this systemd-analyze has no offline security check: {r.stderr.strip()[:200]}")
-    assert m, r.stdout + r.stderr
-    # systemd's scale: 0 (locked down) .. 10 (unprotected root service); root with BPF caps and
-    # the host network cannot reach 0, but it must stay in systemd's "OK" band.
-    assert float(m.group(1)) < 5.0, r.stdout
-
-
 def unit_settings() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for ln in UNIT.read_text().splitlines():
@@ -589,8 +577,9 @@ def unit_settings() -> dict[str, list[str]]:
 
 
 # The exposure score `systemd-analyze security --offline=true` gives the unit (systemd 252, Debian
-# 12): 3.4. Root with the BPF capabilities and the host network cannot go much lower; the test
-# holds the line at what was measured, so a setting that loosens the sandbox fails here.
+# 12): 3.4, in systemd's "OK" band (0 locked down .. 10 an unprotected root service). Root with the
+# BPF capabilities and the host network cannot go much lower; the test holds the line at what was
+# measured, so a setting that loosens the sandbox fails here.
 MEASURED_EXPOSURE = 3.4
 
 
@@ -638,11 +627,21 @@ caps=-all,+bpf,+perfmon,+sys_admin,+sys_ptrace,+sys_resource,+dac_read_search
 # A process of another user, for ProtectProc=invisible below.
 setpriv --reuid=65534 --regid=65534 --clear-groups sleep 120 &
 other=$!
+# PrivateTmp hides a checkout under /tmp (CI clones there; an installed unit runs from /usr or /opt):
+# keep the old /tmp reachable so the checkout can be bound back, read-only, into the private one.
+mkdir -p /run/pcietax-sandbox-oldtmp && mount --bind /tmp /run/pcietax-sandbox-oldtmp
 # ProtectSystem=strict (+ ProtectHome=read-only): every mount read-only but the API file systems.
 for m in $(awk '{print $2}' /proc/self/mounts | grep -Ev '^/(dev|proc|sys)(/|$)' | sort -u); do
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
 mount -t tmpfs -o mode=1777 tmpfs /tmp                       # PrivateTmp=yes
+IFS=: read -ra keep <<< "$KEEP_DIRS"
+for d in "${keep[@]}"; do
+  case "$d" in /tmp/*)
+    mkdir -p "$d" && mount --bind "/run/pcietax-sandbox-oldtmp/${d#/tmp/}" "$d"
+    mount -o remount,bind,ro "$d";;
+  esac
+done
 mount -t proc -o hidepid=invisible,nosuid,nodev,noexec proc /proc   # ProtectProc=invisible
 # ProtectKernelTunables=yes: /sys (tracefs too) and /proc/sys read-only, recursively.
 for m in /sys /proc/sys; do mount --rbind "$m" "$m"; done
@@ -665,7 +664,8 @@ def _serve_in_sandbox(log: Path, hide_modules: bool) -> tuple[str, str]:
     argv = ["unshare", "-m", "--propagation", "private", "bash", "-c", SANDBOX, "sandbox", *pcietax_cmd(),
             "serve", f"--web.listen-address=127.0.0.1:{port}", "--collect.interval=500ms"]
     with open(log, "w") as logf:  # opened before the sandbox makes the file system read-only
-        proc = subprocess.Popen(argv, env=pcietax_env(HIDE_MODULES="1" if hide_modules else "0"),
+        proc = subprocess.Popen(argv, env=pcietax_env(HIDE_MODULES="1" if hide_modules else "0",
+                                                      KEEP_DIRS=f"{REPO.resolve()}:{Path(sys.prefix).resolve()}"),
                                 stdout=logf, stderr=subprocess.STDOUT, text=True)
     body = ""
     try:
@@ -689,7 +689,6 @@ def _serve_in_sandbox(log: Path, hide_modules: bool) -> tuple[str, str]:
                     reason="needs root, unshare and setpriv (util-linux)")
 @pytest.mark.skipif(not Path(f"/lib/modules/{os.uname().release}/build").exists(),
                     reason="no kernel headers for the running kernel: the eBPF source cannot start anyway")
-@pytest.mark.xfail(reason='fails on a fresh clone under /tmp (maps-readable); passes in the work tree: open, see the closing note', strict=False)  # noqa: E501
 def test_ebpf_source_works_in_the_units_file_system_sandbox_and_not_with_protect_kernel_modules(tmp_path):
     """The unit's file-system sandbox rebuilt with mount namespaces (ProtectSystem=strict,
     PrivateTmp, ProtectProc=invisible, ProtectKernelTunables, the capability bounding set): the eBPF

@@ -124,12 +124,20 @@ def web_config(tmp_path, text: str):
     return load(p)
 
 
+def tls_text(pki, client_auth: str | None = None, extra: str = "") -> str:
+    """exporter-toolkit's tls_server_config with this PKI's server pair (and the CA when client
+    certificates are asked for), plus ``extra`` lines under it."""
+    text = f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+    if client_auth:
+        text += f"  client_auth_type: {client_auth}\n  client_ca_file: {pki.ca}\n"
+    return text + extra
+
+
 # --- TLS ---------------------------------------------------------------------------------------
 
 
 def test_https_scrape_verifies_against_the_ca(tmp_path, pki, engine):
-    web = web_config(tmp_path, f"tls_server_config:\n  cert_file: {pki.server_cert}\n"
-                               f"  key_file: {pki.server_key}\n")
+    web = web_config(tmp_path, tls_text(pki))
     with serving(engine, web) as port:
         code, hdr, body = get(port, ctx=client_ctx(pki), host="localhost")
         assert code == 200 and hdr["content-type"].startswith("text/plain")
@@ -145,12 +153,7 @@ def test_https_scrape_verifies_against_the_ca(tmp_path, pki, engine):
 
 
 def test_client_certificates_required_and_verified(tmp_path, pki, engine):
-    web = web_config(tmp_path, f"""tls_server_config:
-  cert_file: {pki.server_cert}
-  key_file: {pki.server_key}
-  client_auth_type: RequireAndVerifyClientCert
-  client_ca_file: {pki.ca}
-""")
+    web = web_config(tmp_path, tls_text(pki, "RequireAndVerifyClientCert"))
     with serving(engine, web) as port:
         assert get(port, ctx=client_ctx(pki, cert=True))[0] == 200
         for ctx in (client_ctx(pki), client_ctx(pki, cert=True, which="rogue")):
@@ -178,12 +181,7 @@ def test_inline_pem_serves_the_same_as_files(tmp_path, pki, engine):
 
 
 def test_verify_client_cert_if_given(tmp_path, pki, engine):
-    web = web_config(tmp_path, f"""tls_server_config:
-  cert_file: {pki.server_cert}
-  key_file: {pki.server_key}
-  client_auth_type: VerifyClientCertIfGiven
-  client_ca_file: {pki.ca}
-""")
+    web = web_config(tmp_path, tls_text(pki, "VerifyClientCertIfGiven"))
     with serving(engine, web) as port:
         assert get(port, ctx=client_ctx(pki))[0] == 200
         assert get(port, ctx=client_ctx(pki, cert=True))[0] == 200
@@ -192,13 +190,8 @@ def test_verify_client_cert_if_given(tmp_path, pki, engine):
 
 
 def test_client_allowed_sans(tmp_path, pki, engine):
-    web = web_config(tmp_path, f"""tls_server_config:
-  cert_file: {pki.server_cert}
-  key_file: {pki.server_key}
-  client_auth_type: RequireAndVerifyClientCert
-  client_ca_file: {pki.ca}
-  client_allowed_sans: [scraper.example]
-""")
+    web = web_config(tmp_path, tls_text(pki, "RequireAndVerifyClientCert",
+                                        "  client_allowed_sans: [scraper.example]\n"))
     with serving(engine, web) as port:
         assert get(port, ctx=client_ctx(pki, cert=True))[0] == 200
         # Signed by the trusted CA but with another SAN: the connection is closed unanswered.
@@ -214,8 +207,7 @@ def test_client_allowed_sans(tmp_path, pki, engine):
 ])
 def test_min_and_max_tls_versions(tmp_path, pki, engine, server, client, ok):
     extra = "".join(f"  {k}: {v}\n" for k, v in server.items())
-    web = web_config(tmp_path, f"tls_server_config:\n  cert_file: {pki.server_cert}\n"
-                               f"  key_file: {pki.server_key}\n{extra}")
+    web = web_config(tmp_path, tls_text(pki, extra=extra))
     ctx = client_ctx(pki)
     ctx.minimum_version = ctx.maximum_version = client
     with serving(engine, web) as port:
@@ -267,10 +259,7 @@ http_server_config:
 
 
 def test_tls_and_basic_auth_together(tmp_path, pki, engine):
-    web = web_config(tmp_path, f"""tls_server_config:
-  cert_file: {pki.server_cert}
-  key_file: {pki.server_key}
-basic_auth_users:
+    web = web_config(tmp_path, tls_text(pki) + f"""basic_auth_users:
   prom: {HASH.decode()}
 """)
     with serving(engine, web) as port:
@@ -310,8 +299,7 @@ def test_concurrent_scrapes_are_complete_and_consistent(engine, secure, tmp_path
     web, ctx, auth = None, None, {}
     if secure:
         cfg = tmp_path / "web.yml"
-        cfg.write_text(f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
-                       f"basic_auth_users:\n  prom: '{HASH.decode()}'\n")
+        cfg.write_text(tls_text(pki) + f"basic_auth_users:\n  prom: '{HASH.decode()}'\n")
         web, ctx, auth = WebConfigSource(cfg, interval=0.0), client_ctx(pki), basic("prom", PASSWORD)
     engine.run_in_background(0.001)
     errors: list[str] = []
@@ -441,7 +429,7 @@ def test_users_reload_and_a_broken_edit_keeps_the_last_good_config(tmp_path, eng
 
 def test_tls_cannot_be_switched_off_by_an_edit(tmp_path, pki, engine, caplog):
     cfg = tmp_path / "web.yml"
-    cfg.write_text(f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n")
+    cfg.write_text(tls_text(pki))
     src = WebConfigSource(cfg, interval=0.0)
     with serving(engine, src) as port:
         cfg.write_text("basic_auth_users: {}\n")
@@ -513,8 +501,7 @@ def test_whole_request_deadline_closes_a_trickling_client(engine):
 
 def test_tls_handshake_deadline(tmp_path, pki, engine):
     """A client that connects to the TLS port and never completes the handshake."""
-    web = web_config(tmp_path, f"tls_server_config:\n  cert_file: {pki.server_cert}\n"
-                               f"  key_file: {pki.server_key}\n")
+    web = web_config(tmp_path, tls_text(pki))
     stop = threading.Event()
     closed: list[float] = []
     hello = bytes.fromhex("16030100") + b"\x02" * 600  # a ClientHello record header, then drip
