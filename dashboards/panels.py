@@ -119,20 +119,18 @@ def base(title: str, uid: str, description: str) -> dashboard.Dashboard:
         dashboard.Dashboard(title).uid(uid).description(description).tags(["pcietax", "pcie", "gpu"])
         .refresh("30s").time("now-1h", "now").timezone("browser").editable()
         .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
-        .with_variable(
-            dashboard.QueryVariable("cluster").label("Cluster").datasource(DS)
-            .query("label_values(pcietax_build_info, cluster)")
-            .definition("label_values(pcietax_build_info, cluster)")
-            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True)
-            .all_value(".*").hide(VariableHide.DONT_HIDE)
-        )
-        .with_variable(
-            dashboard.QueryVariable("node").label("Node").datasource(DS)
-            .query('label_values(pcietax_build_info{cluster=~"$cluster"}, node)')
-            .definition('label_values(pcietax_build_info{cluster=~"$cluster"}, node)')
-            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True)
-            .all_value(".*").hide(VariableHide.DONT_HIDE)
-        )
+        .with_variable(_label_variable("cluster", "Cluster", "label_values(pcietax_build_info, cluster)"))
+        .with_variable(_label_variable("node", "Node",
+                                       'label_values(pcietax_build_info{cluster=~"$cluster"}, node)'))
+    )
+
+
+def _label_variable(name: str, label: str, query: str) -> dashboard.QueryVariable:
+    """A multi-select variable over a label's values, "All" matching every value."""
+    return (
+        dashboard.QueryVariable(name).label(label).datasource(DS).query(query).definition(query)
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True)
+        .all_value(".*").hide(VariableHide.DONT_HIDE)
     )
 
 
