@@ -18,10 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m alerts.generate", description=__doc__)
     p.add_argument("--check", action="store_true", help="only compare with the committed file")
     p.add_argument("--node-label", default="node", help="label joining exporter and inference servers")
+    p.add_argument("--keep-labels", default="cluster",
+                   help="comma-separated labels kept beside the node label in every grouping "
+                        "(default: cluster; '' for none)")
     p.add_argument("--out", type=Path, default=OUT, help="rules file (Prometheus rule_files format)")
     p.add_argument("--k8s-out", type=Path, default=K8S_OUT, help="PrometheusRule manifest")
     args = p.parse_args(argv)
-    cfg = RuleConfig(node_label=args.node_label)
+    try:
+        cfg = RuleConfig(node_label=args.node_label,
+                         keep_labels=tuple(x.strip() for x in args.keep_labels.split(",") if x.strip()))
+    except ValueError as e:
+        p.error(str(e))
     files = {args.out: render(cfg), args.k8s_out: render_prometheusrule(cfg)}
     stale = 0
     for path, text in files.items():

@@ -56,10 +56,17 @@ class RuleConfig:
     # node lost the hardware) is a failure: it still pages, for this long.
     source_lost_window: str = "1h"
     runbook: str = RUNBOOK
+    # Labels kept beside node_label in every aggregation and join. A central ruler (Thanos, Mimir,
+    # a federating Prometheus) sees every cluster's series, where node names can repeat; grouping
+    # by `cluster` too keeps them apart. Where the label is absent, grouping by it changes nothing.
+    keep_labels: tuple[str, ...] = ("cluster",)
 
     def __post_init__(self) -> None:
-        if not _LABEL.fullmatch(self.node_label) or self.node_label.startswith("__"):
-            raise ValueError(f"node_label {self.node_label!r} is not a Prometheus label name")
+        for label in (self.node_label, *self.keep_labels):
+            if not _LABEL.fullmatch(label) or label.startswith("__"):
+                raise ValueError(f"label {label!r} is not a Prometheus label name")
+        if self.node_label in self.keep_labels or len(set(self.keep_labels)) != len(self.keep_labels):
+            raise ValueError(f"keep_labels {self.keep_labels!r} repeat a label or the node label")
         for name in ("ttft_baseline", "for_ratio", "for_ttft", "for_link", "for_gpudirect",
                      "for_source_down", "source_lost_window"):
             value = getattr(self, name)
@@ -68,6 +75,19 @@ class RuleConfig:
         for name in ("ratio_high", "staging_high_cores", "ttft_floor_seconds", "ttft_spike_factor"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+
+    @property
+    def group(self) -> str:
+        """The labels of one node, for ``by (...)`` and ``on (...)``: e.g. ``cluster, node``."""
+        return ", ".join((*self.keep_labels, self.node_label))
+
+    def selector(self, *more: str) -> tuple[str, str]:
+        """A Go-template query selector for this alert's node (plus ``more`` labels of the alert):
+        (``cluster=%q,node=%q``, ``$labels.cluster $labels.node``). An absent label prints as "",
+        and ``cluster=""`` matches the series that have none."""
+        labels = (*self.keep_labels, self.node_label, *more)
+        return ",".join(f"{x}=%q" for x in labels), " ".join(f"$labels.{x}" for x in labels)
 
 
 # --- names of the recorded series (fixed; dashboards and docs refer to them) -------------------
@@ -95,7 +115,7 @@ def _num(x: float) -> str:
 
 
 def recording_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
-    n = cfg.node_label
+    n = cfg.group
 
     def bucket_rate(family: str, engine: str, selector: str = "", part: str = "") -> str:
         sel = f"{{{selector}}}" if selector else ""
@@ -156,7 +176,7 @@ def _ttft_spike(cfg: RuleConfig) -> str:
 
 
 def _staging_high(cfg: RuleConfig) -> str:
-    n = cfg.node_label
+    n = cfg.group
     return (
         f"(\n  {STAGING} > {_num(cfg.staging_high_cores)}\n"
         f"  and on ({n})\n  max by ({n}) ({RATIO}) > {_num(cfg.ratio_high)}\n)"
@@ -166,17 +186,17 @@ def _staging_high(cfg: RuleConfig) -> str:
 def _q(cfg: RuleConfig, metric: str, fmt: str = "%.2f", agg: str = "") -> str:
     """A template that prints the node's current value of a recorded series (Go template);
     ``agg`` wraps the selector (e.g. ``max``) where the series has more labels than the node."""
-    n = cfg.node_label
-    sel = f"{metric}{{{n}=%q}}"
+    labels, args = cfg.selector()
+    sel = f"{metric}{{{labels}}}"
     if agg:
         sel = f"{agg}({sel})"
-    return (f'{{{{ with printf "{sel}" $labels.{n} | query }}}}'
+    return (f'{{{{ with printf "{sel}" {args} | query }}}}'
             f'{{{{ . | first | value | printf "{fmt}" }}}}{{{{ else }}}}n/a{{{{ end }}}}')
 
 
 def alert_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
-    n = cfg.node_label
-    node = f"{{{{ $labels.{n} }}}}"
+    n = cfg.group
+    node = f"{{{{ $labels.{cfg.node_label} }}}}"
     rb = cfg.runbook
 
     def alert(name: str, expr: str, for_: str | None, severity: str, summary: str, description: str,
@@ -209,8 +229,9 @@ def alert_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
     staging_high = _staging_high(cfg)
     engine = "{{ $labels.engine }}"
     # the baseline of the same engine on the same node (a node may run two engines)
-    sel = f"{ttft_baseline_name(cfg)}{{{n}=%q,engine=%q}}"
-    baseline = (f'{{{{ with printf "{sel}" $labels.{n} $labels.engine | query }}}}'
+    labels, args = cfg.selector("engine")
+    sel = f"{ttft_baseline_name(cfg)}{{{labels}}}"
+    baseline = (f'{{{{ with printf "{sel}" {args} | query }}}}'
                 f'{{{{ . | first | value | printf "%.3f" }}}}{{{{ else }}}}n/a{{{{ end }}}}')
     numbers = (
         f"p99 TTFT ({engine}) {{{{ $value | printf \"%.3f\" }}}}s vs a {cfg.ttft_baseline} baseline of "
@@ -276,6 +297,7 @@ def alert_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
         f"{{{{ $labels.device_kind }}}} at {{{{ $labels.pci_bus_id }}}} on {node}: the link retransmits, "
         f"which costs bandwidth and often precedes a link that trains down.",
     )
+    gpu_labels, gpu_args = cfg.selector("gpu")
     gpudirect = alert(
         "GPUDirectBlocked",
         (
@@ -286,7 +308,7 @@ def alert_rules(cfg: RuleConfig) -> list[dict[str, Any]]:
         f"GPU {{{{ $labels.gpu }}}} on {node} has no GPUDirect-ready NIC",
         f"None of the {{{{ $value | printf \"%.0f\" }}}} NIC paths of GPU {{{{ $labels.gpu }}}} on {node} "
         f"allows GPUDirect RDMA, so its network traffic is staged through host memory. "
-        f"Reasons: {{{{ range printf \"pcietax_gpu_nic_path_info{{{n}=%q,gpu=%q}}\" $labels.{n} $labels.gpu "
+        f"Reasons: {{{{ range printf \"pcietax_gpu_nic_path_info{{{gpu_labels}}}\" {gpu_args} "
         f"| query | sortByLabel \"nic\" }}}}"
         f"{{{{ .Labels.nic }}}} ({{{{ .Labels.path }}}}): {{{{ .Labels.reason }}}}; {{{{ end }}}}"
         f"Run pcietax topo on the node.",

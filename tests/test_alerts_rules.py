@@ -66,22 +66,28 @@ def test_promtool_unit_tests_pass():
 
 
 @needs_promtool
-def test_promtool_unit_tests_fail_on_a_broken_rule(tmp_path):
-    """The unit tests can fail: against rules with the ratio threshold raised to 5, they must."""
+@pytest.mark.parametrize(("broken", "failing"), [
+    (RuleConfig(ratio_high=5.0), "ratio high fires after 10m"),
+    # grouped by node alone, a central ruler merges cluster a's n1 with cluster b's n1
+    (RuleConfig(keep_labels=()), "two clusters with the same node name stay apart"),
+])
+def test_promtool_unit_tests_fail_on_a_broken_rule(broken, failing, tmp_path):
+    """The unit tests can fail: against rules with the ratio threshold raised to 5, or without the
+    cluster label in their groupings, the test that covers it must."""
     (tmp_path / "tests").mkdir()
-    (tmp_path / "pcietax.rules.yml").write_text(render(RuleConfig(ratio_high=5.0)))
+    (tmp_path / "pcietax.rules.yml").write_text(render(broken))
     shutil.copy(REPO / "alerts/tests/pcietax_test.yml", tmp_path / "tests")
     r = subprocess.run([PROMTOOL, "test", "rules", str(tmp_path / "tests/pcietax_test.yml")],
                        capture_output=True, text=True)
     assert r.returncode != 0
-    assert "PcieTaxRatioHigh" in r.stdout + r.stderr
+    assert failing in r.stdout + r.stderr and "PcieTaxRatioHigh" in r.stdout + r.stderr
 
 
 @needs_promtool
 def test_short_for_and_custom_node_label_are_valid_rules(tmp_path):
     cfg = RuleConfig(node_label="kubernetes_node", for_ratio="5s", for_ttft="5s", ttft_baseline="2m")
     text = render(cfg)
-    assert "by (kubernetes_node, direction)" in text and "by (node," not in text
+    assert "by (cluster, kubernetes_node, direction)" in text and "node," not in text.replace("_node,", "")
     assert "for: 5s" in text
     f = tmp_path / "r.yml"
     f.write_text(text)
@@ -123,6 +129,9 @@ def test_ratio_is_sum_of_rates_never_an_average_of_the_gauge():
     ({"for_ratio": "10 minutes"}, "for_ratio '10 minutes' is not a Prometheus duration"),
     ({"ttft_baseline": ""}, "not a Prometheus duration"),
     ({"ratio_high": 0}, "ratio_high must be positive"),
+    ({"keep_labels": ("cluster", "cluster")}, "repeat a label or the node label"),
+    ({"keep_labels": ("node",)}, "repeat a label or the node label"),
+    ({"keep_labels": ("tenant-id",)}, "'tenant-id' is not a Prometheus label name"),
 ])
 def test_bad_config_is_a_clear_error(kw, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
