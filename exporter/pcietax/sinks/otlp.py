@@ -213,12 +213,22 @@ class _RowCache:
         self._sources = list(sources)
         self._key: object = None
         self._rows: dict[str, list[Row]] = {}
+        # (family, label names, direction) already checked against the catalog: a few dozen.
+        self._checked: set[tuple[str, frozenset[str], str | None]] = set()
 
     def rows(self, family: str) -> list[Row]:
+        """Raises LabelSetMismatch for a row whose label names (or direction) the catalog does not
+        give its family, as the Prometheus sink does: drift fails loudly on both paths."""
         fr = self._frame()
         if fr is not self._key:
             grouped: dict[str, list[Row]] = {}
+            checked = self._checked
             for row in frame_rows(fr, self._sources):
+                lv = dict(row[1])
+                sig = (row[0], frozenset(lv), lv.get("direction"))
+                if sig not in checked:
+                    c.check_labels(row[0], lv.items())
+                    checked.add(sig)
                 grouped.setdefault(row[0], []).append(row)
             self._key, self._rows = fr, grouped
         return self._rows.get(family, [])
