@@ -113,7 +113,8 @@ _EOF = re.compile(r"[^\\]EOF")
 def ttar_extract(text: str, dest: Path) -> int:
     """Extract a ttar archive (prometheus/procfs's ``ttar`` script format: ``Directory:``,
     ``Path:`` + ``Lines: N`` + N lines, ``SymlinkTo:``, ``Mode:``; a line ending in an unescaped
-    ``EOF`` has no newline; ``NULLBYTE`` is a NUL). Returns the number of entries written."""
+    ``EOF`` has no newline; ``NULLBYTE`` is a NUL). ``text`` must be decoded without newline
+    translation (binary files such as PCI ``config`` hold CRs). Returns the number of entries written."""
     lines = text.split("\n")
     i, path, n_entries = 0, "", 0
     while i < len(lines):
