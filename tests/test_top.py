@@ -87,6 +87,7 @@ def test_render_shows_ratio_bars_and_missing_hops():
     text = "\n".join(lines)
     assert "ingress 2.00x" in text and "egress -" in text
     assert "(partial: 2 of 6 hops measured)" in text
+    assert "RDMA, NIC, GPU and UPI bytes are node-wide" in text  # the scope rule, beside the ratio
     nic_dma = next(ln for ln in lines if ln.startswith("  nic_dma"))
     assert "#" in nic_dma and nic_dma.endswith("1.00 MB/s")
     assert re.search(r"upi\s+not measured", text)

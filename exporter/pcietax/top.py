@@ -26,6 +26,9 @@ from .model import DIRECTIONS, HOPS
 
 Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
 
+# The scope rule (catalog.SCOPE_RULE) in one line, said wherever the ratio is shown.
+SCOPE_NOTE = "scope: --target.* selects socket and CUDA copies; RDMA, NIC, GPU and UPI bytes are node-wide"
+
 
 @dataclass(frozen=True)
 class Scrape:
@@ -150,7 +153,7 @@ def render(v: View, url: str, width: int = 100, error: str = "") -> list[str]:
     measured = sum(1 for h in HOPS if v.measured.get(h, False))  # a hop not exported is not measured
     ratio = "   ".join(f"{d} {v.ratio[d]:.2f}x" if d in v.ratio else f"{d} -" for d in DIRECTIONS)
     partial = f"   (partial: {measured} of {len(HOPS)} hops measured)" if measured < len(HOPS) else ""
-    lines += [f"TAX RATIO   {ratio}{partial}"]
+    lines += [f"TAX RATIO   {ratio}{partial}", f"  {SCOPE_NOTE}"]
     bar_w = max(10, width - 44)
     for d in DIRECTIONS:
         scale = max([v.useful.get(d, 0.0)] + [v.hops.get((h, d), 0.0) for h in HOPS])
