@@ -112,7 +112,8 @@ def test_ttar_extract_reads_procfs_archive_format(tmp_path):
         "Path: fixtures/sys/class/net/eth0/mtu\nLines: 1\n1500\nMode: 644\n"
         "# ttar - - - -\n"
         "Path: fixtures/sys/class/net/eth0/ifalias\nLines: 1\nuplinkEOF\nMode: 644\n"
-        "Path: fixtures/proc/26231/cmdline\nLines: 1\nvimNULLBYTEtest.goNULLBYTE\\NULLBYTE\\EOFEOF\nMode: 644\n"
+        "Path: fixtures/proc/26231/cmdline\nLines: 1\n"
+        "vimNULLBYTEtest.goNULLBYTE\\NULLBYTE\\EOFEOF\nMode: 644\n"
         "Path: fixtures/sys/class/net/eth0/device\nSymlinkTo: ../../../devices/pci0000:00/0000:00:1f.6\n"
     )
     root = tmp_path / "t"
