@@ -10,28 +10,18 @@ from pcietax import catalog
 
 PKG = Path(catalog.__file__).parent
 NAME = re.compile(r"""["'](pcietax_[a-z0-9_]+)["']""")
-# Modules other helpers own that still spell names (each helper converts its own; the lead merges):
-# listed so the test fails for every other module, and for these once they are converted.
-NOT_YET = {"sinks/otlp.py", "top.py"}
 
 
 def test_no_module_but_the_catalog_spells_a_family_name():
     offenders = {}
     for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG).as_posix()
-        if rel == "catalog.py" or rel in NOT_YET:
+        if rel == "catalog.py":
             continue
         names = {m for m in NAME.findall(path.read_text()) if m in catalog.FAMILIES}
         if names:
             offenders[rel] = sorted(names)
     assert offenders == {}
-
-
-def test_not_yet_list_is_not_stale():
-    """Each exempt module still spells names: when one is converted it leaves the list."""
-    for rel in NOT_YET:
-        text = (PKG / rel).read_text()
-        assert any(m in catalog.FAMILIES for m in NAME.findall(text)), f"{rel} is converted: drop it"
 
 
 def test_every_constant_names_a_family_and_back():

@@ -95,3 +95,38 @@ def test_never_backwards_over_a_noisy_sequence():
     # 100 is back above 3: a glitch; 50 held.
     assert out == [5, 9, 9, 11, 16, 16, 16, 19, 19, 116, 116]
     assert (a.resets, a.glitches) == (2, 1)
+
+
+def test_increase_is_the_step_of_the_monotonic_value():
+    a, ref = CounterAbsorber(), CounterAbsorber()
+    # first sight, rise, a held low read, its confirmation, then a 16-bit wrap on another key
+    steps = [("k", 100, None), ("k", 130, None), ("k", 4, None), ("k", 9, None), ("w", 65530, 16),
+             ("w", 6, 16)]
+    got = [a.increase(k, v, bits=b) for k, v, b in steps]
+    assert got == [100, 30, 0, 9, 65530, 12]
+    # the same as differencing update()'s totals, key by key
+    last: dict = {}
+    want = []
+    for k, v, b in steps:
+        m = ref.update(k, v, bits=b)
+        want.append(m - last.get(k, 0.0))
+        last[k] = m
+    assert got == want
+    assert (a.wraps, a.resets) == (ref.wraps, ref.resets) == (1, 1)
+
+
+def test_increase_without_confirmation_takes_a_drop_at_once():
+    a = CounterAbsorber()
+    a.increase("k", 500)
+    assert a.increase("k", 20, confirm=False) == 20  # restarted at zero: all 20 are new
+    assert a.increase("k", 25, confirm=False) == 5
+
+
+def test_forget_matching_drops_only_the_matching_keys():
+    a = CounterAbsorber()
+    for key in [(1, "rx"), (1, "tx"), (2, "rx")]:
+        a.update(key, 10)
+    assert a.forget_matching(lambda k: k[0] == 1) == 2
+    assert len(a) == 1 and a.value((2, "rx")) == 10 and a.value((1, "rx")) is None
+    assert a.increase((1, "rx"), 3) == 3  # a forgotten key starts over: its whole value is new
+    assert a.forget_matching(lambda k: False) == 0

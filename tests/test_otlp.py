@@ -514,3 +514,21 @@ def test_shipped_rules_evaluate_on_what_prometheus_stores_from_otlp(receiver, tm
     path.write_text(yaml.safe_dump(test, sort_keys=False, width=1000))
     r = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_a_label_set_the_catalog_does_not_give_fails_on_the_otlp_path_too():
+    """The OTLP path passes labels as attributes (nothing is dropped), so drift from the catalog
+    would go unseen there: its row cache checks each family's label names once, like /metrics."""
+    from pcietax.catalog import NIC_RECEIVE_BYTES, UPI_BYTES, LabelSetMismatch
+    from pcietax.engine import Frame
+    from pcietax.sinks.otlp import _RowCache
+
+    def frame(labels):
+        return Frame(0.0, {(labels[0], labels[1]): 1.0}, {}, {}, None)
+
+    good = frame((NIC_RECEIVE_BYTES, (("nic", "eth0"), ("pci_bus_id", "0000:3b:00.0"))))
+    assert len(_RowCache(lambda: good, []).rows(NIC_RECEIVE_BYTES)) == 1
+    for bad in [(NIC_RECEIVE_BYTES, (("nic", "eth0"), ("pci_bus_id", "0000:3b:00.0"), ("port", "1"))),
+                (UPI_BYTES, (("direction", "ingress"), ("link", "0"), ("socket", "0")))]:
+        with pytest.raises(LabelSetMismatch):
+            _RowCache(lambda b=bad: frame(b), []).rows(bad[0])

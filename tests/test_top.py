@@ -64,6 +64,19 @@ def test_rates_between_two_scrapes():
     assert v.sources == {"ebpf": True, "nvml": False}
 
 
+def _gpu_scrape(rx: int, tx: int) -> str:
+    lab = '{gpu="0000:3b:00.0",pci_bus_id="0000:3b:00.0",uuid="GPU-1"}'
+    return (f"# TYPE pcietax_gpu_pcie_receive_bytes_total counter\n"
+            f"pcietax_gpu_pcie_receive_bytes_total{lab} {rx}\n"
+            f"# TYPE pcietax_gpu_pcie_transmit_bytes_total counter\n"
+            f"pcietax_gpu_pcie_transmit_bytes_total{lab} {tx}\n")
+
+
+def test_gpus_are_named_by_their_pci_address_once():
+    v = compute(parse(_gpu_scrape(0, 0), 10.0), parse(_gpu_scrape(4000, 1000), 12.0))
+    assert v.gpus == [("0000:3b:00.0", 2000.0, 500.0)]
+
+
 def test_a_counter_that_drops_is_skipped_not_negative():
     v = compute(parse(_cur(10**6), 100.0), parse(PREV, 101.0))  # exporter restarted in between
     assert v.useful == {} and v.hops == {}
@@ -74,6 +87,7 @@ def test_render_shows_ratio_bars_and_missing_hops():
     text = "\n".join(lines)
     assert "ingress 2.00x" in text and "egress -" in text
     assert "(partial: 2 of 6 hops measured)" in text
+    assert "RDMA, NIC, GPU and UPI bytes are node-wide" in text  # the scope rule, beside the ratio
     nic_dma = next(ln for ln in lines if ln.startswith("  nic_dma"))
     assert "#" in nic_dma and nic_dma.endswith("1.00 MB/s")
     assert re.search(r"upi\s+not measured", text)

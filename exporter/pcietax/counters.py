@@ -16,7 +16,7 @@ returns later starts again from its raw value, which Prometheus reads as a count
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 # A wrap is only plausible when the previous value was in the top part of the counter's range
@@ -102,6 +102,23 @@ class CounterAbsorber:
 
     def __len__(self) -> int:
         return len(self._state)
+
+    # -- additions for callers that want increases, not totals (issue 11) ----------------------
+
+    def increase(self, key: Hashable, raw: float, bits: int | None = None,
+                 confirm: bool = True) -> float:
+        """``update`` as a step: how much the monotonic value rose with this reading. A key seen
+        for the first time (or again after ``forget``) gives its whole raw value; a held drop
+        gives 0; a confirmed reset gives the restarted counter's whole value."""
+        before = self.value(key)
+        return self.update(key, raw, bits, confirm) - (0.0 if before is None else before)
+
+    def forget_matching(self, pred: Callable[[Hashable], bool]) -> int:
+        """Forget every key for which ``pred`` is true (a dead process's keys); returns how many."""
+        gone = [k for k in self._state if pred(k)]
+        for k in gone:
+            del self._state[k]
+        return len(gone)
 
 
 def _is_wrap(last: float, raw: float, bits: int) -> bool:

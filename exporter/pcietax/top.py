@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import catalog as c
 from .model import DIRECTIONS, HOPS
 
 Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
+
+# The scope rule (catalog.SCOPE_RULE) in one line, said wherever the ratio is shown.
+SCOPE_NOTE = "scope: --target.* selects socket and CUDA copies; RDMA, NIC, GPU and UPI bytes are node-wide"
 
 
 @dataclass(frozen=True)
@@ -93,25 +97,25 @@ def _rates(prev: Scrape, cur: Scrape, name: str) -> list[tuple[dict[str, str], f
 
 def compute(prev: Scrape, cur: Scrape, top_n: int = 5) -> View:
     v = View()
-    for lab, x in cur.get("pcietax_tax_ratio"):
+    for lab, x in cur.get(c.TAX_RATIO):
         v.ratio[lab.get("direction", "")] = x
-    for lab, x in cur.get("pcietax_hop_measured"):
+    for lab, x in cur.get(c.HOP_MEASURED):
         v.measured[lab.get("hop", "")] = x == 1.0
-    for lab, x in cur.get("pcietax_source_up"):
+    for lab, x in cur.get(c.SOURCE_UP):
         v.sources[lab.get("source", "")] = x == 1.0
-    for lab, r in _rates(prev, cur, "pcietax_useful_bytes_total"):
+    for lab, r in _rates(prev, cur, c.USEFUL_BYTES):
         v.useful[lab.get("direction", "")] = r
-    for lab, r in _rates(prev, cur, "pcietax_moved_bytes_total"):
+    for lab, r in _rates(prev, cur, c.MOVED_BYTES):
         v.hops[(lab.get("hop", ""), lab.get("direction", ""))] = r
-    for lab, r in _rates(prev, cur, "pcietax_staging_cpu_seconds_total"):
+    for lab, r in _rates(prev, cur, c.STAGING_CPU_SECONDS):
         v.staging[lab.get("kind", "")] = r
-    v.gpus = _pairs(prev, cur, "pcietax_gpu_pcie_receive_bytes_total",
-                    "pcietax_gpu_pcie_transmit_bytes_total",
-                    lambda lab: f"gpu{lab.get('gpu', '?')} {lab.get('pci_bus_id', '')}", top_n)
-    v.nics = _pairs(prev, cur, "pcietax_nic_receive_bytes_total", "pcietax_nic_transmit_bytes_total",
+    # `gpu` is the GPU's PCI address on every family (catalog.GPU_ID): one column says it.
+    v.gpus = _pairs(prev, cur, c.GPU_PCIE_RECEIVE_BYTES, c.GPU_PCIE_TRANSMIT_BYTES,
+                    lambda lab: lab.get("gpu") or lab.get("pci_bus_id") or "?", top_n)
+    v.nics = _pairs(prev, cur, c.NIC_RECEIVE_BYTES, c.NIC_TRANSMIT_BYTES,
                     lambda lab: f"{lab.get('nic', '?')} {lab.get('pci_bus_id', '')}", top_n)
     per_proc: dict[str, float] = defaultdict(float)
-    for name in ("pcietax_socket_copy_bytes_total", "pcietax_cuda_copy_bytes_total"):
+    for name in (c.SOCKET_COPY_BYTES, c.CUDA_COPY_BYTES):
         for lab, r in _rates(prev, cur, name):
             per_proc[lab.get("process", "?")] += r
     v.processes = sorted(per_proc.items(), key=lambda kv: (-kv[1], kv[0]))[:top_n]
@@ -149,7 +153,7 @@ def render(v: View, url: str, width: int = 100, error: str = "") -> list[str]:
     measured = sum(1 for h in HOPS if v.measured.get(h, False))  # a hop not exported is not measured
     ratio = "   ".join(f"{d} {v.ratio[d]:.2f}x" if d in v.ratio else f"{d} -" for d in DIRECTIONS)
     partial = f"   (partial: {measured} of {len(HOPS)} hops measured)" if measured < len(HOPS) else ""
-    lines += [f"TAX RATIO   {ratio}{partial}"]
+    lines += [f"TAX RATIO   {ratio}{partial}", f"  {SCOPE_NOTE}"]
     bar_w = max(10, width - 44)
     for d in DIRECTIONS:
         scale = max([v.useful.get(d, 0.0)] + [v.hops.get((h, d), 0.0) for h in HOPS])

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import __version__
+from .. import catalog as c
 from ..catalog import FAMILIES, Family
 from ..engine import Frame
 from .samples import Row, frame_rows
@@ -36,24 +37,24 @@ log = logging.getLogger("pcietax")
 
 OTLP_METRICS_PATH = "/v1/metrics"
 GPU_IO = {
-    "pcietax_gpu_pcie_receive_bytes_total": "receive",
-    "pcietax_gpu_pcie_transmit_bytes_total": "transmit",
+    c.GPU_PCIE_RECEIVE_BYTES: "receive",
+    c.GPU_PCIE_TRANSMIT_BYTES: "transmit",
 }
 NIC_IO = {
-    "pcietax_nic_receive_bytes_total": "receive",
-    "pcietax_nic_transmit_bytes_total": "transmit",
+    c.NIC_RECEIVE_BYTES: "receive",
+    c.NIC_TRANSMIT_BYTES: "transmit",
 }
 # Counters without a physical unit: UCUM annotations (curly braces add no Prometheus suffix).
 _COUNT_UNITS = {
-    "pcietax_pcie_replay_total": "{replay}",
-    "pcietax_pcie_correctable_errors_total": "{error}",
-    "pcietax_cuda_copy_calls_total": "{call}",
-    "pcietax_hardirq_total": "{interrupt}",
-    "pcietax_softirq_total": "{softirq}",
-    "pcietax_source_errors_total": "{error}",
-    "pcietax_source_resets_total": "{reset}",
-    "pcietax_probe_hits_total": "{hit}",
-    "pcietax_probe_drops_total": "{drop}",
+    c.PCIE_REPLAY: "{replay}",
+    c.PCIE_CORRECTABLE_ERRORS: "{error}",
+    c.CUDA_COPY_CALLS: "{call}",
+    c.HARDIRQ: "{interrupt}",
+    c.SOFTIRQ: "{softirq}",
+    c.SOURCE_ERRORS: "{error}",
+    c.SOURCE_RESETS: "{reset}",
+    c.PROBE_HITS: "{hit}",
+    c.PROBE_DROPS: "{drop}",
 }
 # The exporter's own loggers of the OpenTelemetry OTLP exporters (their names differ between SDK
 # releases; all are below this one). They log every failed push, and retries: we log per outage.
@@ -212,12 +213,22 @@ class _RowCache:
         self._sources = list(sources)
         self._key: object = None
         self._rows: dict[str, list[Row]] = {}
+        # (family, label names, direction) already checked against the catalog: a few dozen.
+        self._checked: set[tuple[str, frozenset[str], str | None]] = set()
 
     def rows(self, family: str) -> list[Row]:
+        """Raises LabelSetMismatch for a row whose label names (or direction) the catalog does not
+        give its family, as the Prometheus sink does: drift fails loudly on both paths."""
         fr = self._frame()
         if fr is not self._key:
             grouped: dict[str, list[Row]] = {}
+            checked = self._checked
             for row in frame_rows(fr, self._sources):
+                lv = dict(row[1])
+                sig = (row[0], frozenset(lv), lv.get("direction"))
+                if sig not in checked:
+                    c.check_labels(row[0], lv.items())
+                    checked.add(sig)
                 grouped.setdefault(row[0], []).append(row)
             self._key, self._rows = fr, grouped
         return self._rows.get(family, [])
@@ -358,7 +369,7 @@ class OtlpSink:
 
         def gpu_names() -> dict[str, str]:
             return {dict(labels).get("gpu", ""): dict(labels).get("name", "")
-                    for _, labels, _v in cache.rows("pcietax_gpu_info")}
+                    for _, labels, _v in cache.rows(c.GPU_INFO)}
 
         def observe_gpu_io(_opts: CallbackOptions) -> Iterable[Any]:
             names = gpu_names()

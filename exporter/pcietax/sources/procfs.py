@@ -112,6 +112,8 @@ def parse_interrupts(text: str, snap: Snapshot, where: str, last: IrqLines | Non
     for n, line in enumerate(lines[1:], start=2):
         hit = cache.get(line)
         if hit is None:
+            if not line or line.isspace():
+                continue  # carries nothing (copied trees have them): skipped, as node_exporter does
             sample = _interrupt_line(line, ncpu, faults, where, n, labels)
             irq = line.partition(":")[0].strip()
             if sample is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
+from ..counters import CounterAbsorber
+
 OTHER = "other"
 LABEL_MAX = 64  # a comm is 15 bytes; a pod/container name is at most 253
 
@@ -28,24 +30,31 @@ RawKey = tuple[int, Hashable]
 
 class DeltaTracker:
     """Raw cumulative per-key values in, per-key increases out. A key whose value went down was
-    deleted and re-created (a reused pid after cleanup), so its whole value is new."""
+    deleted and re-created (a reused pid after cleanup), so its whole value is new.
+
+    The arithmetic is ``counters.CounterAbsorber``'s (the one raw -> increase implementation), with
+    every drop taken at once as a reset: an eBPF map value is read whole, so a lower value is never
+    a half-written read to confirm, and it never wraps (64-bit byte sums)."""
 
     def __init__(self) -> None:
-        self._last: dict[RawKey, float] = {}
+        # No end_cycle: keys live until forget() says their process is gone.
+        self._absorber = CounterAbsorber()
 
     def deltas(self, raw: Mapping[RawKey, float]) -> dict[RawKey, float]:
         out: dict[RawKey, float] = {}
+        inc = self._absorber.increase
         for k, v in raw.items():
-            prev = self._last.get(k, 0.0)
-            d = v - prev if v >= prev else v
-            self._last[k] = v
+            d = inc(k, v, confirm=False)
             if d > 0:
                 out[k] = d
         return out
 
     def forget(self, tgids: set[int]) -> None:
-        for k in [k for k in self._last if k[0] in tgids]:
-            del self._last[k]
+        if tgids:
+            self._absorber.forget_matching(lambda k: k[0] in tgids)
+
+    def __len__(self) -> int:
+        return len(self._absorber)
 
 
 class ProcessFolder:
