@@ -128,15 +128,15 @@ def calibrate_here() -> dict[str, float]:
 
     b = BPF(text=b"int u(struct pt_regs *c) { return 0; } int t(void *c) { return 0; }")
     ufd = b.load_func(b"u", BPF.KPROBE).fd
-    tfd = b.load_func(b"t", BPF.TRACEPOINT).fd
+    tfd = b.load_func(b"t", BPF.RAW_TRACEPOINT).fd
 
     def up(path: str, off: int):
         pfd = lib.bpf_attach_uprobe(ufd, 0, b"ptx_bench_cal", path.encode(), off, os.getpid())
         return None if pfd < 0 else (lambda: lib.bpf_close_perf_event_fd(pfd))
 
     def tp():
-        pfd = lib.bpf_attach_tracepoint(tfd, b"sock", b"sock_send_length")
-        return None if pfd < 0 else (lambda: lib.bpf_close_perf_event_fd(pfd))
+        lfd = lib.bpf_attach_raw_tracepoint(tfd, b"sock_send_length")
+        return None if lfd < 0 else (lambda: os.close(lfd))
 
     cal = selfcost.calibrate(up, tp, n=8000)
     b.cleanup()
@@ -221,9 +221,19 @@ def accounting(before: dict, after: dict, trap: dict[str, float]) -> dict[str, f
         if ptype == 2:  # BPF_PROG_TYPE_KPROBE: uprobes
             site = "step" if name.endswith(("__st", "__s", "_st")) or "__st" in name else "push"
             traps += d_cnt * trap[site]
-        elif ptype == 5:  # BPF_PROG_TYPE_TRACEPOINT
+        elif ptype in (5, 17):  # BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_RAW_TRACEPOINT
             traps += d_cnt * trap["tracepoint"]
     return {"bpf_run_time_s": run_ns / 1e9, "trap_s": traps, "exporter_cpu_s": after["cpu"] - before["cpu"]}
+
+
+def per_program(before: dict, after: dict) -> dict[str, tuple[int, float]]:
+    """Program name -> (runs, run time s) over the interval: where the probe cost goes."""
+    out: dict[str, tuple[int, float]] = {}
+    for pid_, (name, ptype, rt, cnt) in after["progs"].items():
+        b = before["progs"].get(pid_, (name, ptype, 0, 0))
+        n0, t0 = out.get(name, (0, 0.0))
+        out[name] = (n0 + cnt - b[3], t0 + (rt - b[2]) / 1e9)
+    return {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1][0]) if v[0]}
 
 
 def main() -> int:
@@ -232,6 +242,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="length of each workload run (>= 30)")
     ap.add_argument("--chunk", default="64KiB", help="bytes per request (one CUDA copy each)")
     ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--verbose", action="store_true", help="per-program runs and run time of each run")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench/ebpf_overhead.py: needs root (it loads the real probes)", file=sys.stderr)
@@ -259,6 +270,7 @@ def main() -> int:
                         time.sleep(2.5)  # the last duty-cycle window folds, one more collection
                         s1 = exp.snapshot()
                         rec["acct"] = accounting(s0, s1, trap)
+                        rec["programs"] = per_program(s0, s1)
                         rec["self_reported_s"] = (_sum(s1["m"], "pcietax_probe_overhead_seconds_total")
                                                   - _sum(s0["m"], "pcietax_probe_overhead_seconds_total"))
                         for fam, want in (("pcietax_cuda_copy_bytes_total", truth["cuda_copies"]["h2d"]
@@ -278,6 +290,9 @@ def main() -> int:
                     print(f"round {rnd} {mode}: {truth['gib']:.2f} GiB, workload CPU {truth['cpu_s']:.2f} s"
                           + (f", accounted {sum(rec['acct'].values()):.3f} s, self-reported probes "
                              f"{rec['self_reported_s']:.3f} s" if exp else ""), flush=True)
+                    if exp is not None and a.verbose:
+                        for name, (n, t) in rec["programs"].items():
+                            print(f"    {name:16} {n:10d} runs {t * 1e3:9.1f} ms", flush=True)
                 finally:
                     if exp is not None:
                         exp.stop()

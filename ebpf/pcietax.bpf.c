@@ -9,6 +9,10 @@
 // tracepoint arguments come from the running kernel's format files. The one kernel layout read is
 // struct sock_common's peer address (loopback exclusion), taken from the kernel headers.
 //
+// Each duty-cycled program tests its group's gate (gates[G_*], written by the budget governor)
+// right after counting its hit: a window opens and closes with one map write, exactly when the
+// governor says, while attaching and detaching (slow: a grace period) happen around it.
+//
 // Configuration is compile-time (-D from the loader), never a map read per event:
 //   PTX_FILTER          1: count only targets decided in the kernel (targets map, cgroup ancestry);
 //                       0: count every process (node-wide, or --target.comm applied at read time)
@@ -19,7 +23,7 @@
 //   PTX_CUDA, PTX_MEMCPY, PTX_MAX_PROCS, PTX_MAX_PINNED, PTX_MAX_IRQ
 
 #include <uapi/linux/ptrace.h>
-#if defined(PTX_SOCK_LENGTH) && !defined(PTX_COUNT_LO)
+#ifdef PTX_SOCK_LENGTH
 #include <net/sock.h>
 #endif
 
@@ -66,6 +70,7 @@ struct proc_info {
     u64 cgroup;
     u32 target;
     u32 pad;
+    u64 exit_ns;  // sched_process_exit time (CLOCK_MONOTONIC); 0 while it lives
 };
 
 struct time_val {
@@ -75,6 +80,7 @@ struct time_val {
 
 BPF_PERCPU_ARRAY(hits, u64, P_NPROBES * S_NSITES);
 BPF_ARRAY(drops, u64, E_NDROPS);
+BPF_ARRAY(gates, u32, G_NGROUPS);
 BPF_TABLE("lru_hash", u32, struct proc_info, procs, PTX_MAX_PROCS);
 // Target tgids: 1 = given (--target.pid), 2 = a descendant that forked from a target (dropped when
 // it execs another program).
@@ -91,6 +97,11 @@ static __always_inline void hit(int probe, int site) {
     u64 *v = hits.lookup(&i);
     if (v)
         (*v)++;
+}
+
+static __always_inline int gate_open(int g) {
+    u32 *v = gates.lookup(&g);
+    return v && *v;
 }
 
 static __always_inline void note_proc(u32 tgid) {
@@ -131,7 +142,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exec) {
+RAW_TRACEPOINT_PROBE(sched_process_exec) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u8 *v = targets.lookup(&tgid);
     if (v && *v == 2)
@@ -139,9 +150,22 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exit) {
-    u32 tid = bpf_get_current_pid_tgid();
+#endif
+
+// A process's exit time, for the estimate of what it did between its last window and its exit.
+// Rare (once per thread exit), so always on.
+#ifdef PTX_EXIT_TIME
+RAW_TRACEPOINT_PROBE(sched_process_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = id, tgid = id >> 32;
+#ifdef PTX_FOLLOW
     targets.delete(&tid);
+#endif
+    if (tid != tgid)
+        return 0;
+    struct proc_info *p = procs.lookup(&tgid);
+    if (p)
+        p->exit_ns = bpf_ktime_get_ns();
     return 0;
 }
 #endif
@@ -152,22 +176,25 @@ BPF_PERCPU_ARRAY(irq_time, struct time_val, PTX_MAX_IRQ);
 BPF_PERCPU_ARRAY(softirq_start, u64, 1);
 BPF_PERCPU_ARRAY(softirq_time, struct time_val, PTX_NVECS);
 
-TRACEPOINT_PROBE(irq, irq_handler_entry) {
+RAW_TRACEPOINT_PROBE(irq_handler_entry) {
     hit(P_HARDIRQ, 0);
+    if (!gate_open(G_IRQ))
+        return 0;
     int zero = 0;
     u64 ts = bpf_ktime_get_ns();
     irq_start.update(&zero, &ts);
     return 0;
 }
 
-TRACEPOINT_PROBE(irq, irq_handler_exit) {
+// irq_handler_exit(int irq, struct irqaction *action, int ret)
+RAW_TRACEPOINT_PROBE(irq_handler_exit) {
     int zero = 0;
     u64 *start = irq_start.lookup(&zero);
     if (!start || *start == 0)
         return 0;
     u64 delta = bpf_ktime_get_ns() - *start;
     *start = 0;
-    int irq = args->irq;
+    int irq = (int)ctx->args[0];
     struct time_val *v = irq_time.lookup(&irq);
     if (!v) {
         drop(E_IRQ_OUT_OF_RANGE);
@@ -178,22 +205,25 @@ TRACEPOINT_PROBE(irq, irq_handler_exit) {
     return 0;
 }
 
-TRACEPOINT_PROBE(irq, softirq_entry) {
+RAW_TRACEPOINT_PROBE(softirq_entry) {
     hit(P_SOFTIRQ, 0);
+    if (!gate_open(G_IRQ))
+        return 0;
     int zero = 0;
     u64 ts = bpf_ktime_get_ns();
     softirq_start.update(&zero, &ts);
     return 0;
 }
 
-TRACEPOINT_PROBE(irq, softirq_exit) {
+// softirq_exit(unsigned int vec_nr)
+RAW_TRACEPOINT_PROBE(softirq_exit) {
     int zero = 0;
     u64 *start = softirq_start.lookup(&zero);
     if (!start || *start == 0)
         return 0;
     u64 delta = bpf_ktime_get_ns() - *start;
     *start = 0;
-    int vec = args->vec;
+    int vec = (int)ctx->args[0];
     struct time_val *v = softirq_time.lookup(&vec);
     if (v) {
         v->ns += delta;
@@ -223,6 +253,13 @@ static __always_inline void add_sock(u32 tgid, u32 dir, int len) {
 }
 
 #ifdef PTX_SOCK_LENGTH
+static __always_inline u16 ptx_sk_family(void *skp) {
+    struct sock_common *sk = skp;
+    u16 family = 0;
+    bpf_probe_read_kernel(&family, sizeof(family), &sk->skc_family);
+    return family;
+}
+
 #ifndef PTX_COUNT_LO
 // A peer on 127.0.0.0/8 or ::1 (or ::ffff:127.x), or a connection to one of our own addresses:
 // traffic that never leaves the host is not network payload unless lo is a selected NIC.
@@ -247,41 +284,57 @@ static __always_inline int local_peer(void *skp, u16 family) {
 
 // sock_recvmsg() after the protocol returned: one event per recv call (not per skb), with the
 // socket's family, so Unix sockets, netlink and other IPC are dropped by the first test.
-TRACEPOINT_PROBE(sock, sock_recv_length) {
+// Raw tracepoint: sock_recv_length(struct sock *sk, int ret, int flags); the family is the
+// socket's own (what the tracepoint's record copies from it).
+RAW_TRACEPOINT_PROBE(sock_recv_length) {
     hit(P_SOCKET_RECV, 0);
-    u16 family = args->family;
-    if ((family != PTX_AF_INET && family != PTX_AF_INET6) || args->ret <= 0 || (args->flags & PTX_MSG_PEEK))
+    if (!gate_open(G_SOCKET))
+        return 0;
+    void *sk = (void *)ctx->args[0];
+    int ret = (int)ctx->args[1], flags = (int)ctx->args[2];
+    if (ret <= 0 || (flags & PTX_MSG_PEEK))
+        return 0;
+    u16 family = ptx_sk_family(sk);
+    if (family != PTX_AF_INET && family != PTX_AF_INET6)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!is_target(tgid) || PTX_LOCAL(args->sk, family))
+    if (!is_target(tgid) || PTX_LOCAL(sk, family))
         return 0;
-    add_sock(tgid, DIR_INGRESS, args->ret);
+    add_sock(tgid, DIR_INGRESS, ret);
     return 0;
 }
 
 // sock_sendmsg_nosec(): bytes the protocol accepted from a send/sendto/sendmsg/write; splice/
 // sendfile (MSG_SPLICE_PAGES, pages referenced, not copied) and MSG_ZEROCOPY are skipped.
-TRACEPOINT_PROBE(sock, sock_send_length) {
+RAW_TRACEPOINT_PROBE(sock_send_length) {
     hit(P_SOCKET_SEND, 0);
-    u16 family = args->family;
-    if ((family != PTX_AF_INET && family != PTX_AF_INET6) || args->ret <= 0 ||
-        (args->flags & (PTX_MSG_ZEROCOPY | PTX_MSG_SPLICE_PAGES)))
+    if (!gate_open(G_SOCKET))
+        return 0;
+    void *sk = (void *)ctx->args[0];
+    int ret = (int)ctx->args[1], flags = (int)ctx->args[2];
+    if (ret <= 0 || (flags & (PTX_MSG_ZEROCOPY | PTX_MSG_SPLICE_PAGES)))
+        return 0;
+    u16 family = ptx_sk_family(sk);
+    if (family != PTX_AF_INET && family != PTX_AF_INET6)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!is_target(tgid) || PTX_LOCAL(args->sk, family))
+    if (!is_target(tgid) || PTX_LOCAL(sk, family))
         return 0;
-    add_sock(tgid, DIR_EGRESS, args->ret);
+    add_sock(tgid, DIR_EGRESS, ret);
     return 0;
 }
 #else
 // Linux < 6.3 fallback: the copy itself, once per skb. The tracepoint carries no socket, so it
 // cannot tell TCP from a Unix socket or a loopback peer (docs/ebpf.md); egress is not measured.
-TRACEPOINT_PROBE(skb, skb_copy_datagram_iovec) {
+// skb_copy_datagram_iovec(const struct sk_buff *skb, int len)
+RAW_TRACEPOINT_PROBE(skb_copy_datagram_iovec) {
     hit(P_SOCKET_RECV, 0);
+    if (!gate_open(G_SOCKET))
+        return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!is_target(tgid))
         return 0;
-    add_sock(tgid, DIR_INGRESS, args->len);
+    add_sock(tgid, DIR_INGRESS, (int)ctx->args[1]);
     return 0;
 }
 #endif
@@ -399,6 +452,8 @@ static __always_inline void count_copy(u32 tgid, int kind, struct pinned_ranges 
 // cudaMemcpyAsync(..., cudaStream_t) (and _ptds/_ptsz): kind 1 = H2D, 2 = D2H, 4 = default.
 static __always_inline int cuda_memcpy(struct pt_regs *ctx, int site) {
     hit(P_CUDA_COPY, site);
+    if (!gate_open(G_CUDA_COPY))
+        return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = id;
     if (!is_target(tgid))
@@ -436,6 +491,8 @@ PTX_SITE_VARIANTS(cuda_memcpy)
 
 static __always_inline int driver_copy(struct pt_regs *ctx, int site, int kind, u64 host, u64 n) {
     hit(P_CUDA_COPY, site);
+    if (!gate_open(G_CUDA_COPY))
+        return 0;
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = id;
     if (!is_target(tgid))

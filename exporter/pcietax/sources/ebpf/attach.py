@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -82,15 +83,22 @@ class UprobeAttacher:
 
 class CudaProbes:
     """Every CUDA library file known so far, its pinned-memory probes (always on) and its copy
-    probes (on while the governor's copy group is on)."""
+    probes (attached while the governor's copy group is). ``add`` runs on the collection thread and
+    ``set_copy`` on the governor's and the detach thread: a lock keeps the lists whole, and no
+    detach (a grace period long) runs under it."""
 
     def __init__(self, attacher: UprobeAttacher) -> None:
         self._att = attacher
         self.libs: dict[FileId, Library] = {}
         self.copy_on = False
+        self._mu = threading.Lock()
 
     def add(self, path: str, kind: str | None = None) -> Library | None:
         """Probe a library file from now on (once per file, whatever path it was found under)."""
+        with self._mu:
+            return self._add(path, kind)
+
+    def _add(self, path: str, kind: str | None) -> Library | None:
         fid = cuda_libs.file_id(path)
         if fid is None or fid in self.libs:
             return None
@@ -134,16 +142,19 @@ class CudaProbes:
         return out
 
     def set_copy(self, on: bool) -> None:
-        if on == self.copy_on:
-            return
-        self.copy_on = on
-        for lib in self.libs.values():
-            if on:
-                lib.copy = self._attach_set(lib, self._copy_set(lib))
-            else:
-                for a in lib.copy:
-                    self._att.detach(a)
-                lib.copy = []
+        gone: list[Attached] = []
+        with self._mu:
+            if on == self.copy_on:
+                return
+            self.copy_on = on
+            for lib in self.libs.values():
+                if on:
+                    lib.copy = self._attach_set(lib, self._copy_set(lib))
+                else:
+                    gone += lib.copy
+                    lib.copy = []
+        for a in gone:
+            self._att.detach(a)
 
     def copy_sites(self) -> dict[str, int]:
         """Attached copy probes per site kind (for the self-cost labels and the log)."""
@@ -153,9 +164,24 @@ class CudaProbes:
                 out[a.site] = out.get(a.site, 0) + 1
         return out
 
+    def take_all(self) -> list[Callable[[], None]]:
+        """Forget every library; their detaches, to run (in parallel) by the caller."""
+        with self._mu:
+            probes = [a for lib in self.libs.values() for a in lib.pinned + lib.copy]
+            fds = [lib.fd for lib in self.libs.values()]
+            self.libs.clear()
+            self.copy_on = False
+        att = self._att
+        closers: list[Callable[[], None]] = [lambda a=a: att.detach(a) for a in probes]
+        # A probe holds its inode itself: the files can close in any order with the detaches.
+        return [*closers, lambda: _close_fds(fds)]
+
     def close(self) -> None:
-        for lib in self.libs.values():
-            for a in lib.pinned + lib.copy:
-                self._att.detach(a)
-            os.close(lib.fd)
-        self.libs.clear()
+        for c in self.take_all():
+            c()
+
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -22,6 +22,9 @@ KINDS = ("h2d", "d2h")
 # Probe groups the budget governor duty-cycles, highest priority first: socket payload is the
 # model's denominator; CUDA copies are the costly uprobes; IRQ timing only splits exact totals.
 GROUPS = ("socket", "cuda_copy", "irq")
+# Each group's programs open with a test of its gate (gates[G_<GROUP>]): the governor opens and
+# closes a window with one map write, so a window's bounds are exact; detaching (which waits for
+# an RCU grace period, 0.1-0.5 s on a busy node) follows in the background.
 GROUP_PROBES = {"socket": ("socket_recv", "socket_send"), "cuda_copy": ("cuda_copy",),
                 "irq": ("hardirq", "softirq")}
 
@@ -42,4 +45,5 @@ def c_header() -> str:
             + _enum("E_", DROPS, "E_NDROPS")
             + _enum("DIR_", DIRECTIONS, "DIR_N")
             + _enum("K_", KINDS, "K_N")
+            + _enum("G_", GROUPS, "G_NGROUPS")
             + f"#define PTX_NVECS {len(SOFTIRQ_VECTORS)}\n")

@@ -26,6 +26,11 @@ class GroupState:
     last_end: float = 0.0  # end of its last folded window
     on_s: float = 0.0  # time on since last_end
     on_total: float = 0.0  # time on since start, up to window_start when on
+    closed: list[tuple[float, float]] = field(default_factory=list)  # windows since last_end
+
+    def windows(self, now: float) -> list[tuple[float, float]]:
+        """The windows since the last fold, the open one up to now."""
+        return [*self.closed, (self.window_start, now)] if self.on else list(self.closed)
 
     def total_on(self, now: float) -> float:
         return self.on_total + (now - self.window_start if self.on else 0.0)
@@ -40,19 +45,28 @@ class GroupState:
 
 def plan(budget: float, cost_rates: dict[str, float], order: tuple[str, ...], pinned: set[str],
          min_duty: float = 0.02) -> dict[str, float]:
-    """Duty cycle per group: each group by priority gets what the budget has left (all of it when
-    it costs nothing measurable). A pinned group (``--cuda.probes always``: the operator chose
-    exact copies over the budget) is on and outside the budget, so it cannot starve the others."""
-    left = budget
+    """Duty cycle per group. Every group first gets ``min_duty`` (so no estimate goes stale), out
+    of the budget: when those floors alone cost more than the budget, they shrink in proportion so
+    the total still fits. What is left goes by priority, each group taking what it can use (all of
+    it when it costs nothing measurable). A pinned group (``--cuda.probes always``: the operator
+    chose exact copies over the budget) is on and outside the budget, so it cannot starve the
+    others."""
+    free = [g for g in order if g not in pinned]
+    floors = sum(min_duty * max(cost_rates.get(g, 0.0), 0.0) for g in free)
+    floor = min_duty if floors <= budget else min_duty * budget / floors
+    left = budget - min(floors, budget)
     duties: dict[str, float] = {}
     for g in order:
         if g in pinned:
             duties[g] = 1.0
             continue
         c = cost_rates.get(g, 0.0)
-        d = 1.0 if c <= 0 else max(min_duty, min(1.0, max(left, 0.0) / c))
+        if c <= 0:
+            duties[g] = 1.0
+            continue
+        d = min(1.0, floor + max(left, 0.0) / c)
         duties[g] = d
-        left -= d * c
+        left -= (d - floor) * c
     return duties
 
 
@@ -99,14 +113,40 @@ class Governor:
         self.period_start = now
         return True
 
+    def offsets(self) -> dict[str, float]:
+        """Where each cycled group's window starts, as a fraction of the period: one after the
+        other in priority order, so windows overlap only when the duties add up to more than one
+        period. A window never opens beside all the others: the probes slow what they watch, and
+        a window shared by every group would sample the workload at its slowest."""
+        out: dict[str, float] = {}
+        at = 0.0
+        for g in self.order:
+            s = self.groups[g]
+            if s.pinned_on or s.duty >= 1.0:
+                continue
+            out[g] = at % 1.0
+            at += s.duty
+        return out
+
     def wanted(self, now: float) -> dict[str, bool]:
-        """Which groups should be on now: each is on for duty x period at the start of a period.
+        """Which groups should be on now: each for duty x period from its offset in the period.
         A new period re-plans from the costs measured so far."""
         if now - self.period_start >= self.period:
             self.period_start = now - ((now - self.period_start) % self.period)
             self.replan()
-        t = now - self.period_start
-        return {g: s.pinned_on or s.duty >= 1.0 or t < s.duty * self.period for g, s in self.groups.items()}
+        f = (now - self.period_start) / self.period
+        offs = self.offsets()
+        return {g: g not in offs or (f - offs[g]) % 1.0 < s.duty for g, s in self.groups.items()}
+
+    def next_change(self, now: float) -> float:
+        """When ``wanted`` may next differ from now: a window's start or end, or the next period."""
+        f = (now - self.period_start) / self.period
+        edges = [1.0]
+        for g, o in self.offsets().items():
+            for e in (o, (o + self.groups[g].duty) % 1.0):
+                if e > f + 1e-9:
+                    edges.append(e)
+        return self.period_start + min(edges) * self.period
 
     def switched(self, group: str, on: bool, now: float) -> None:
         st = self.groups[group]
@@ -115,6 +155,7 @@ class Governor:
         elif not on and st.on:
             st.on_s += now - st.window_start
             st.on_total += now - st.window_start
+            st.closed.append((st.window_start, now))
         st.on = on
 
     def folded(self, group: str, now: float) -> None:
@@ -122,6 +163,7 @@ class Governor:
         st = self.groups[group]
         st.last_end = now
         st.on_s = 0.0
+        st.closed = []
         if st.on:
             st.on_total += now - st.window_start
             st.window_start = now
