@@ -313,7 +313,6 @@ def test_descriptor_flood_leaves_the_sources_their_descriptors(tmp_path):
 
 
 @needs_root
-@pytest.mark.xfail(reason="exit measured 2.02 s on a loaded 2-vCPU VM: the kernel's probe detach after os._exit takes ~0.6 s (open: issue 13 item 13)", strict=False)  # noqa: E501
 def test_sigterm_with_ebpf_on_exits_within_2s_and_leaves_nothing_in_the_kernel(tmp_path):
     """Before: 3.8-4.4 s with eBPF on. The probes of a CUDA workload are attached (uprobes) and
     every tracepoint program is loaded; SIGTERM must end the process within 2 s, and the kernel

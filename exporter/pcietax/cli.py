@@ -287,8 +287,8 @@ def _shutdown(server: Any, engine: Any, otlp: Any) -> int:
     left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
     late: list[str] = []
     steps = [threading.Thread(target=server.shutdown, name="http", daemon=True),
-             threading.Thread(target=lambda: late.extend(engine.close(SHUTDOWN_BUDGET - 0.2) or []),
-                              name="sources", daemon=True)]
+             threading.Thread(target=lambda: late.extend(engine.close(SHUTDOWN_BUDGET - 0.2, exiting=True)
+                                                         or []), name="sources", daemon=True)]
     # The last OTLP push (final counters) runs beside closing the sources.
     if otlp is not None:
         steps.append(threading.Thread(target=_close_sink, args=(otlp, SHUTDOWN_BUDGET - 0.2), name="otlp",
@@ -302,12 +302,16 @@ def _shutdown(server: Any, engine: Any, otlp: Any) -> int:
     for t in others:  # the engine's pool threads leave once their read returns
         t.join(left())
     stuck = late + [t.name for t in steps + others if t.is_alive()]
-    if stuck:
+    if stuck or getattr(engine, "abandoned", None):
         # A hung source read, close or sink push: the interpreter's exit would wait for it (pool
-        # threads are joined at exit) or race it (BCC's own atexit cleanup). Leave now; the kernel
-        # detaches every probe with the process.
-        log.warning("shutdown: %s still running after %.1fs; exiting without them", ", ".join(stuck),
-                    SHUTDOWN_BUDGET)
+        # threads are joined at exit) or race it (BCC's own atexit cleanup, which would detach an
+        # abandoned source's probes one by one). Leave now; the kernel detaches every probe with
+        # the process.
+        if stuck:
+            log.warning("shutdown: %s still running after %.1fs; exiting without them", ", ".join(stuck),
+                        SHUTDOWN_BUDGET)
+        log.debug("shutdown: leaving %.2fs after the signal; the kernel releases the rest",
+                  SHUTDOWN_BUDGET - left())
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
