@@ -128,10 +128,16 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
+        gave_up: set[str] = set()
+
         def close_one(slot: _Slot) -> None:
             if slot.starting is not None:
                 # A start still running would leave its probes attached after we close: wait for it.
                 self._poll_start(slot, max(0.0, deadline - time.monotonic()))
+                if slot.starting is not None:
+                    # Its own verdict, not the join's: this thread and the join share one deadline.
+                    gave_up.add(slot.source.name)
+                    return
             if slot.started and exiting and hasattr(slot.source, "abandon"):
                 slot.source.abandon()
                 abandoned.append(slot.source.name)
@@ -149,7 +155,8 @@ class Engine:
             t.start()
         for t in closers:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
-        late = [slot.source.name for slot, t in zip(self._slots, closers, strict=True) if t.is_alive()]
+        late = [slot.source.name for slot, t in zip(self._slots, closers, strict=True)
+                if t.is_alive() or slot.source.name in gave_up]
         if late:
             log.warning("sources %s did not close within %.1fs; not waiting for them", late, timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
