@@ -825,8 +825,10 @@ class EbpfSource:
                     self._overhead[(probe, "run_time_estimate")] = (
                         self._overhead.get((probe, "run_time_estimate"), 0.0) + est)
             if rt is not None:
-                last = self._last_rt.get(probe)
-                if last is not None and rt >= last:
+                # From 0, as the hits are: run time counts from when stats were enabled, before
+                # the calibration and the first read.
+                last = self._last_rt.get(probe, 0.0)
+                if rt >= last:
                     self._overhead[(probe, "bpf_run_time")] = (
                         self._overhead.get((probe, "bpf_run_time"), 0.0) + rt - last)
                 self._last_rt[probe] = rt
