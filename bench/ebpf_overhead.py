@@ -210,20 +210,30 @@ def run_workload(peer: str, peer_pid: int, seconds: float, chunk: str) -> dict:
     return truth
 
 
+OVERHEAD = "pcietax_probe_overhead_seconds_total"
+
+
 def accounting(before: dict, after: dict, trap: dict[str, float]) -> dict[str, float]:
     """Probe cost from the kernel (run time, run counts) x this benchmark's trap costs."""
+    return {k: v for k, v in accounting_parts(before, after, trap).items() if not k.startswith("trap_")
+            or k == "trap_s"}
+
+
+def accounting_parts(before: dict, after: dict, trap: dict[str, float]) -> dict[str, float]:
+    """accounting(), with the traps split as the exporter's cost label splits them."""
     run_ns = 0
-    traps = 0.0
+    parts = {"trap_push": 0.0, "trap_step": 0.0, "tracepoint_dispatch": 0.0}
     for pid_, (name, ptype, rt, cnt) in after["progs"].items():
         b = before["progs"].get(pid_, (name, ptype, 0, 0))
         d_rt, d_cnt = rt - b[2], cnt - b[3]
         run_ns += d_rt
         if ptype == 2:  # BPF_PROG_TYPE_KPROBE: uprobes
             site = "step" if name.endswith(("__st", "__s", "_st")) or "__st" in name else "push"
-            traps += d_cnt * trap[site]
+            parts[f"trap_{site}"] += d_cnt * trap[site]
         elif ptype in (5, 17):  # BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_RAW_TRACEPOINT
-            traps += d_cnt * trap["tracepoint"]
-    return {"bpf_run_time_s": run_ns / 1e9, "trap_s": traps, "exporter_cpu_s": after["cpu"] - before["cpu"]}
+            parts["tracepoint_dispatch"] += d_cnt * trap["tracepoint"]
+    return {"bpf_run_time_s": run_ns / 1e9, "trap_s": sum(parts.values()),
+            "exporter_cpu_s": after["cpu"] - before["cpu"], **parts}
 
 
 def per_program(before: dict, after: dict) -> dict[str, tuple[int, float]]:
@@ -273,6 +283,15 @@ def main() -> int:
                         rec["programs"] = per_program(s0, s1)
                         rec["self_reported_s"] = (_sum(s1["m"], "pcietax_probe_overhead_seconds_total")
                                                   - _sum(s0["m"], "pcietax_probe_overhead_seconds_total"))
+                        # Term by term: which part of the self-report disagrees, if one does.
+                        parts = accounting_parts(s0, s1, trap)
+                        rec["terms"] = {
+                            c: {"self_reported_s": (_sum(s1["m"], OVERHEAD, cost=c)
+                                                    - _sum(s0["m"], OVERHEAD, cost=c)),
+                                "accounted_s": parts.get(c, parts["bpf_run_time_s"] if c == "bpf_run_time"
+                                                         else 0.0)}
+                            for c in ("bpf_run_time", "trap_push", "trap_step", "tracepoint_dispatch",
+                                      "run_time_estimate")}
                         for fam, want in (("pcietax_cuda_copy_bytes_total", truth["cuda_copies"]["h2d"]
                                            ["pageable"]["bytes"]),
                                           ("pcietax_socket_copy_bytes_total", truth["socket_copy_bytes"]
@@ -322,6 +341,10 @@ def main() -> int:
                                                      for r in rs) / base_tput,
             "estimate_over_truth": {f: statistics.median(r["estimate_over_truth"][f] for r in rs)
                                     for f in rs[0]["estimate_over_truth"]},
+            "terms_ms_per_gib": {c: {k: 1e3 * statistics.median(r["terms"][c][k] / r["truth"]["gib"]
+                                                                for r in rs)
+                                     for k in ("self_reported_s", "accounted_s")}
+                                 for c in rs[0]["terms"]},
         }
     if rss:
         out["exporter_steady_rss_mib"] = statistics.median(r["rss_kib"] for r in rss) / 1024
