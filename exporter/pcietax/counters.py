@@ -4,10 +4,11 @@ value" implementation (the engine, the netdev source's per-NIC parts and the tes
 A raw value below the previous one is a *wrap* (a narrow counter passed 2**bits), a *reset*
 (driver reload, device re-enumerated, a restarted eBPF program), or a *glitch*: one read of a
 half-written file that comes back right on the next read. Wraps are plausible only near the top of
-the range and are absorbed at once. Any other drop is held for one read and confirmed: if the next
-read is back at or above the value before the drop, it was a glitch and nothing is absorbed (a
-glitch taken as a reset would add the counter's whole history when the file is repaired); if it is
-still below, the reset is absorbed then, with everything counted since. Each wrap and reset is
+the range and are absorbed at once. A drop within float rounding (``ROUNDING``) is no drop. Any
+other drop is held for one read and confirmed: if the next read is back at or above the value
+before the drop, it was a glitch and nothing is absorbed (a glitch taken as a reset would add the
+counter's whole history when the file is repaired); if it is still below, the reset is absorbed
+then, with everything counted since. Each wrap and reset is
 counted so the operator can see it (``pcietax_source_resets_total``). Pure arithmetic, no I/O.
 
 Series not fed for ``forget_after`` cycles are forgotten (SR-IOV VFs and IRQ lines churn); one that
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 # and the new one near the bottom; otherwise a drop is a reset (or a glitch).
 _WRAP_WINDOW = 0.5
 FORGET_AFTER_CYCLES = 600  # ten minutes at the default 1 s collection interval
+# Drops smaller than this fraction of the counter are float rounding: a reset falls to near zero
+# and a half-written file loses digits, both far larger (a 2**64 counter would have to drop 18 GB).
+ROUNDING = 1e-9
 
 
 @dataclass
@@ -58,7 +62,12 @@ class CounterAbsorber:
         if st.seen < self._cycle - 1:
             confirm = False
         st.seen = self._cycle
-        if raw >= st.last_raw:
+        if raw >= st.last_raw - abs(st.last_raw) * ROUNDING:
+            if raw < st.last_raw:
+                # A float total that a source re-derives each cycle (seconds from nanoseconds, a
+                # sum in another order) can come back an ulp lower: rounding, not a reset, which
+                # would add the counter's whole history. Held at its last value.
+                raw = st.last_raw
             if st.dropped:
                 self.glitches += 1  # back where it was: the lower read was not a reset
                 st.dropped = False

@@ -829,8 +829,10 @@ class EbpfSource:
                 # the calibration and the first read.
                 last = self._last_rt.get(probe, 0.0)
                 if rt >= last:
+                    # total + (rt - last), never (total + rt) - last: with rt == last the latter
+                    # can round an ulp below the total, and a counter that reads lower is a reset.
                     self._overhead[(probe, "bpf_run_time")] = (
-                        self._overhead.get((probe, "bpf_run_time"), 0.0) + rt - last)
+                        self._overhead.get((probe, "bpf_run_time"), 0.0) + (rt - last))
                 self._last_rt[probe] = rt
             snap.counter(HITS, n_total, probe=probe)
         for (probe, cost), v in sorted(self._overhead.items()):
