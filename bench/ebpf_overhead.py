@@ -103,7 +103,9 @@ def prog_stats(pid: int) -> dict[int, tuple[str, int, int, int]]:
         except OSError:
             continue
         m = re.search(r"^prog_id:\s*(\d+)", text, re.M)
-        if not m:
+        if not m or re.search(r"^link_type:", text, re.M):
+            # A link fd (a raw tracepoint's attachment) names its program's id but carries no
+            # statistics: read as the program, it made the socket programs' run time vanish.
             continue
         pid_ = int(m.group(1))
         g = {k: int(v) for k, v in re.findall(r"^(prog_type|run_time_ns|run_cnt):\s*(\d+)", text, re.M)}
@@ -310,6 +312,9 @@ def main() -> int:
                           + (f", accounted {sum(rec['acct'].values()):.3f} s, self-reported probes "
                              f"{rec['self_reported_s']:.3f} s" if exp else ""), flush=True)
                     if exp is not None and a.verbose:
+                        for c, t in rec["terms"].items():
+                            print(f"    {c:20} self-reported {t['self_reported_s'] * 1e3:9.1f} ms, "
+                                  f"accounted {t['accounted_s'] * 1e3:9.1f} ms", flush=True)
                         for name, (n, t) in rec["programs"].items():
                             print(f"    {name:16} {n:10d} runs {t * 1e3:9.1f} ms", flush=True)
                 finally:
