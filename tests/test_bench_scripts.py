@@ -1,12 +1,14 @@
 """Every benchmark script still starts: its imports resolve against this tree and its argument
 parser builds (the benchmarks themselves are run by hand, not in the suite)."""
 
+import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, pcietax_env
+from conftest import REPO, needs_root, pcietax_env
 
 SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
 
@@ -23,14 +25,50 @@ def test_bench_script_help(script):
     assert "usage" in r.stdout.lower()
 
 
-def test_ebpf_overhead_size_parsing():
-    """The one helper the overhead benchmark takes from the package (it once pointed at a private name)."""
+def _ebpf_overhead():
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import ebpf_overhead
     finally:
         sys.path.pop(0)
-    assert ebpf_overhead._bytes("64MiB") == 64 << 20
+    return ebpf_overhead
+
+
+def test_ebpf_overhead_size_parsing():
+    """The one helper the overhead benchmark takes from the package (it once pointed at a private name)."""
+    assert _ebpf_overhead()._bytes("64MiB") == 64 << 20
+
+
+@needs_root
+def test_ebpf_overhead_reads_run_time_from_the_program_not_its_link():
+    """The accounting reads each program's bpf_stats from the process's fdinfo. A raw tracepoint's
+    link fd names the same prog_id with no statistics; with the link on the lower fd number (as
+    fd reuse leaves it in the exporter) the program once read as never run."""
+    bcc = pytest.importorskip("bcc")
+    eo = _ebpf_overhead()
+    stats = eo.enable_stats()
+    placeholder = os.open("/dev/null", os.O_RDONLY)  # a low fd number for the link to take
+    b = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(sock_send_length) { return 0; }")
+    try:
+        fn = b.load_func(b"raw_tracepoint__sock_send_length", bcc.BPF.RAW_TRACEPOINT)
+        os.close(placeholder)
+        link = bcc.libbcc.lib.bpf_attach_raw_tracepoint(fn.fd, b"sock_send_length")
+        assert 0 <= link < fn.fd
+        x, y = socket.socketpair()
+        for _ in range(200):
+            x.send(b"x")
+            y.recv(1)
+        x.close()
+        y.close()
+        progs = eo.prog_stats(os.getpid())
+        ours = [v for v in progs.values() if v[0] == "sock_send_lengt"]
+        assert len(ours) == 1
+        _name, _type, run_ns, runs = ours[0]
+        assert runs >= 200 and run_ns > 0
+        os.close(link)
+    finally:
+        b.cleanup()
+        os.close(stats)
 
 
 def test_series_per_node_in_docs_is_what_the_fixture_node_scrapes():
