@@ -301,7 +301,14 @@ class EbpfSource:
         for g in groups:
             self._switch.open(g)
         self._governor = Governor(self._budget, self._period, groups, min_duty=self._min_duty)
-        self._governor.start(time.monotonic(), pinned)
+        now = time.monotonic()
+        self._governor.start(now, pinned)
+        # Costs are measured from here: the calibration's tens of thousands of AF_UNIX sends ran
+        # the socket programs too (to their family test), a start-up cost that, counted as the
+        # group's first second, planned it at a fraction of its duty.
+        costs = self._group_costs()
+        self._group_cost_seen = {g: (costs.get(g, 0.0), st.total_on(now))
+                                 for g, st in self._governor.groups.items()}
         self._rescan(force=True)
         loader.release_heap()  # again: calibration and attaching ran more of libbcc
         self._thread = threading.Thread(target=self._governor_loop, name="pcietax-ebpf-governor", daemon=True)
