@@ -7,10 +7,10 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pcietax.fsread import counter_value
+from pcietax.fsread import counter_value, sum_counters
 from pcietax.sources.base import Snapshot, SourceUnavailable
 from pcietax.sources.netdev import parse_net_dev
 from pcietax.sources.pcie import parse_aer
@@ -164,3 +164,20 @@ def test_incremental_interrupts_parse_is_a_fresh_parse(base, rounds, newline_at_
         assert snap.counters == list(want.by_irq.values())
         assert got.names() == want.names()
         last = got
+
+
+@FUZZ
+@example(["18446744073709551615", "1"])
+@example(["18446744073709551616"])
+@example(["9" * 19, "+1"])
+@example(["１"])
+@example(["1_0"])
+@given(st.lists(_atoms.map(str.strip).filter(lambda s: s and not any(c.isspace() for c in s)), max_size=6))
+def test_sum_counters_is_the_sum_of_counter_values(fields):
+    try:
+        want = sum(map(counter_value, fields))
+    except ValueError:
+        with pytest.raises(ValueError):
+            sum_counters(fields)
+        return
+    assert sum_counters(fields) == want

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import catalog
-from ..fsread import counter_value
+from ..fsread import sum_counters
 from .base import Fault, Labels, Sample, Snapshot, SourceUnavailable, labels_of
 
 HARDIRQ = catalog.HARDIRQ
@@ -258,15 +258,10 @@ def _row(line: str, ncpu: int, where: str, n: int, labels: dict[tuple[str, str],
         # Cut short: a partial sum would read as a reset now and a jump on the next full read.
         return (irq, None, Fault("truncated line", f"{where}:{n}"))
     # Most per-CPU columns are 0 on a big node (IRQ affinity): skip converting those.
-    counts = list(filter(_NONZERO, parts))
-    digits = "".join(counts)
-    if not digits or (digits.isascii() and digits.isdigit() and max(map(len, counts)) < 20):
-        total = sum(map(int, counts))  # plain ASCII digits below 10**19: always a 64-bit counter
-    else:
-        try:
-            total = sum(map(counter_value, counts))
-        except ValueError:
-            return (irq, None, Fault("not a number", f"{where}:{n}"))
+    try:
+        total = sum_counters(list(filter(_NONZERO, parts)))
+    except ValueError:
+        return (irq, None, Fault("not a number", f"{where}:{n}"))
     lbl = labels.get((irq, text))
     if lbl is None:
         lbl = labels[(irq, text)] = labels_of(irq=irq, name=irq_name(irq, text))

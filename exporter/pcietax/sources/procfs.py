@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import catalog
-from ..fsread import PROCFS_MAX, FileTooLarge, counter_value, read_into, read_text
+from ..fsread import PROCFS_MAX, FileTooLarge, counter_value, read_into, read_text, sum_counters
 from .base import Sample, Snapshot, SourceAbsent, SourceUnavailable, labels_of
 from .interrupts import HARDIRQ, IrqLines, irq_name, parse_buffer, parse_interrupts
 
@@ -48,7 +48,7 @@ def parse_softirqs(text: str, snap: Snapshot, where: str, last: dict[str, Sample
             if not sep or len(parts) != ncpu:
                 snap.fault("truncated line", f"{where}:{n}")
             else:
-                out[vector] = Sample(SOFTIRQ, labels_of(vector=vector), float(sum(map(counter_value, parts))))
+                out[vector] = Sample(SOFTIRQ, labels_of(vector=vector), float(sum_counters(parts)))
                 continue
         except ValueError:
             snap.fault("not a number", f"{where}:{n}")
