@@ -416,3 +416,17 @@ def test_a_huge_interrupts_file_is_refused_and_not_kept(node):
     with pytest.raises(SourceUnavailable, match="larger than"):
         _source(node).read()
     assert len(procfs._CACHE[str(node.proc / "interrupts")].buf) == 0
+
+
+def test_a_bad_line_after_a_good_one_of_the_same_irq_does_not_hold_over_it(node):
+    """The held value is for an IRQ whose line is bad this read: one that also has a good line
+    this read (a file with an IRQ twice) keeps this read's count."""
+    from pcietax.sources.base import Snapshot
+    from pcietax.sources.procfs import parse_interrupts
+
+    head = b"           CPU0       CPU1\n"
+    first = parse_interrupts(head + b"  5:  1  2  IO-APIC 5-edge x\n", Snapshot(), "x")
+    for _ in range(2):  # a fresh parse of the lines, then their reuse
+        first = parse_interrupts(head + b"  5:  3  4  IO-APIC 5-edge x\n  5:  3y  IO-APIC 5-edge x\n",
+                                 Snapshot(), "x", first)
+        assert first.by_irq["5"].value == 7 and [f.what for f in first.faults] == ["not a number"]

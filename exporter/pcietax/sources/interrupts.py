@@ -23,8 +23,6 @@ from .base import Fault, Labels, Sample, Snapshot, SourceUnavailable, labels_of
 
 HARDIRQ = catalog.HARDIRQ
 
-_NONZERO = "0".__ne__
-
 # Label sets by (irq, text after the counts): kept across reads, dropped past this size.
 _LABELS_MAX = 20_000
 
@@ -259,7 +257,7 @@ def _row(line: str, ncpu: int, where: str, n: int, labels: dict[tuple[str, str],
         return (irq, None, Fault("truncated line", f"{where}:{n}"))
     # Most per-CPU columns are 0 on a big node (IRQ affinity): skip converting those.
     try:
-        total = sum_counters(list(filter(_NONZERO, parts)))
+        total = sum_counters([p for p in parts if p != "0"])  # (a comprehension: faster than filter)
     except ValueError:
         return (irq, None, Fault("not a number", f"{where}:{n}"))
     lbl = labels.get((irq, text))
