@@ -1,7 +1,6 @@
 """Every benchmark script still starts: its imports resolve against this tree and its argument
 parser builds (the benchmarks themselves are run by hand, not in the suite)."""
 
-import shutil
 import subprocess
 import sys
 
@@ -53,11 +52,14 @@ def test_series_per_node_in_docs_is_what_the_fixture_node_scrapes():
     assert f"**≤ {got['scraped'] + got['ebpf_ceiling']:,}**" in doc  # the per-node ceiling
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler for bench/readfiles.c")
 def test_scaling_bench_runs_on_a_tiny_node(tmp_path):
     """A smoke run of the scaling table on a tiny node: every column is there and the C floor
     made the same calls the cycle made (the real run is by hand; see docs/testing-and-benchmark.md)."""
     import json
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler for bench/readfiles.c")
 
     out = tmp_path / "scaling.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "scaling_bench.py"), "--sizes", "2x40",
