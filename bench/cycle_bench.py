@@ -30,42 +30,74 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HOST_SOURCES = ("netdev", "rdma", "procfs", "pcie", "topology")
 
 
-def _child(pkg: str, root: str, rounds: int, warmup: int) -> None:
-    """Runs in a fresh interpreter with ``pkg`` first on sys.path."""
-    sys.path[:0] = [pkg]
+@contextmanager
+def watching_files(seen: Callable[[str, object], None], kinds: str = "fdl") -> Iterator[None]:
+    """Call ``seen(kind, path)`` for every file opened ("f": builtins/io.open, os.open), directory
+    listed ("d": os.listdir, os.scandir) and symlink read ("l": os.readlink), in every thread;
+    only the ``kinds`` asked for are wrapped."""
     import builtins
     import io
 
-    import pcietax
+    real = {"open": builtins.open, "os_open": os.open, "listdir": os.listdir, "scandir": os.scandir,
+            "readlink": os.readlink}
+
+    def watch(kind: str, fn: Callable) -> Callable:
+        def wrapped(path=".", *a, **k):
+            seen(kind, path)
+            return fn(path, *a, **k)
+        return wrapped
+
+    if "f" in kinds:
+        builtins.open = io.open = watch("f", real["open"])
+        os.open = watch("f", real["os_open"])
+    if "d" in kinds:
+        os.listdir, os.scandir = watch("d", real["listdir"]), watch("d", real["scandir"])
+    if "l" in kinds:
+        os.readlink = watch("l", real["readlink"])
+    try:
+        yield
+    finally:
+        builtins.open = io.open = real["open"]
+        os.open, os.listdir, os.scandir, os.readlink = (real["os_open"], real["listdir"], real["scandir"],
+                                                         real["readlink"])
+
+
+def host_engine(root: str):
+    """An Engine of the host sources on the fixture node at ``root``, started (the pcietax on
+    sys.path: this tree, or the ref's export in a child)."""
     from pcietax.engine import Engine
     from pcietax.model import TaxModel
     from pcietax.sources import SourceOptions, by_name
-    from pcietax.sources import procfs as procfs_mod
-
-    assert pcietax.__file__.startswith(pkg), pcietax.__file__
-    opens = [0]
-    real_open, real_os_open = builtins.open, os.open
-
-    def counting_open(*a, **k):
-        opens[0] += 1
-        return real_open(*a, **k)
-
-    def counting_os_open(*a, **k):
-        opens[0] += 1
-        return real_os_open(*a, **k)
-
-    builtins.open = io.open = counting_open
-    os.open = counting_os_open
 
     opts = SourceOptions(sysfs=f"{root}/sys", procfs=f"{root}/proc")
     eng = Engine([by_name()[n].build(opts) for n in HOST_SOURCES], TaxModel())
     eng.start_sources()
+    return eng
+
+
+def _child(pkg: str, root: str, rounds: int, warmup: int) -> None:
+    """Runs in a fresh interpreter with ``pkg`` first on sys.path."""
+    sys.path[:0] = [pkg]
+    import pcietax
+    from pcietax.sources import procfs as procfs_mod
+
+    assert pcietax.__file__.startswith(pkg), pcietax.__file__
+    opens = [0]
+
+    def count(kind: str, path: object) -> None:
+        opens[0] += 1
+
+    watch = watching_files(count, kinds="f")
+    watch.__enter__()  # for the whole child: both sides pay the same wrappers
+    eng = host_engine(root)
     nic_tags = _nic_tags(f"{root}/sys")
     shared = hasattr(procfs_mod, "read_interrupts")
 

@@ -88,3 +88,27 @@ def test_series_per_node_in_docs_is_what_the_fixture_node_scrapes():
     assert quoted, "docs/deploy.md no longer quotes the scrape count"
     assert int(quoted.group(1).replace(",", "")) == got["scraped"], got["scraped"]
     assert f"**≤ {got['scraped'] + got['ebpf_ceiling']:,}**" in doc  # the per-node ceiling
+
+
+def test_scaling_bench_runs_on_a_tiny_node(tmp_path):
+    """A smoke run of the scaling table on a tiny node: every column is there and the C floor
+    made the same calls the cycle made (the real run is by hand; see docs/testing-and-benchmark.md)."""
+    import json
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler for bench/readfiles.c")
+
+    out = tmp_path / "scaling.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "scaling_bench.py"), "--sizes", "2x40",
+                        "--rounds", "4", "--no-node-exporter", "--out", str(out)],
+                       capture_output=True, text=True, env=pcietax_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| 2 × 40 |" in r.stdout and "C floor ms" in r.stdout
+    (size,) = json.loads(out.read_text())["sizes"]
+    assert size["up"] == ["netdev", "pcie", "procfs", "rdma", "topology"]
+    assert size["calls_per_cycle"]["f"] > 50  # every sysfs/procfs file the sources read, recorded
+    assert 0.05 < size["changing_share_of_lines"] < 0.2
+    for v in ("static", "changing"):
+        assert size[v]["cpu_ms_p50"] > 0 and size[v]["ratio_cpu_to_c_floor"] > 0
+    assert size["c_floor"]["cpu_ms_p50"] > 0

@@ -7,10 +7,10 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pcietax.fsread import counter_value
+from pcietax.fsread import counter_value, sum_counters
 from pcietax.sources.base import Snapshot, SourceUnavailable
 from pcietax.sources.netdev import parse_net_dev
 from pcietax.sources.pcie import parse_aer
@@ -101,3 +101,83 @@ def test_counter_value_is_a_64_bit_counter_or_value_error(text):
 def test_counter_value_refuses_long_numbers(digits):
     with pytest.raises(ValueError):
         counter_value("9" * digits)
+
+
+# -- the incremental parse of /proc/interrupts is a fresh parse --------------------------------
+
+_IRQ_HEADER = b"           CPU0       CPU1\n"
+_irq_line = st.one_of(
+    st.tuples(st.sampled_from(["0", "8", "120", "121", "LOC", "ERR", "NMI", "x y", ""]),
+              st.lists(st.sampled_from(["0", "7", "123", "9" * 20, "18446744073709551616", "3x",
+                                        "-1", "\xff"]), min_size=0, max_size=3),
+              st.sampled_from(["IO-APIC 2-edge timer", "PCI-MSIX 0-edge mlx5_comp0", "Local timer",
+                               "", "dr\xff\xfeiver"]))
+    .map(lambda t: f"{t[0]}: {' '.join(t[1])}   {t[2]}".encode("latin-1")),
+    st.sampled_from([b"", b"   ", b"garbage", b"\x1f", b" 5:  1  2  IO\x0cAPIC x", b"9: 1\r2 IO y"]))
+_edit = st.tuples(st.sampled_from(["set", "insert", "delete", "bump"]), st.integers(0, 12), _irq_line)
+
+
+def _apply(lines: list[bytes], edit) -> list[bytes]:
+    op, i, line = edit
+    lines = list(lines)
+    if op == "insert":
+        lines.insert(min(i, len(lines)), line)
+    elif lines and op == "delete":
+        del lines[i % len(lines)]
+    elif lines and op == "set":
+        lines[i % len(lines)] = line
+    elif lines:  # a count that rose by one digit: the line changes length
+        lines[i % len(lines)] = lines[i % len(lines)].replace(b" 7 ", b" 17 ", 1)
+    return lines
+
+
+def _fresh(data: bytes, last):
+    """The oracle: every line parsed again (nothing reused), the same held values."""
+    import dataclasses
+
+    blank = None if last is None else dataclasses.replace(last, lines=[], rows=[], simple=False)
+    return parse_interrupts(data.decode("ascii", "replace"), Snapshot(), "x", blank)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_irq_line, max_size=8), st.lists(st.lists(_edit, max_size=3), min_size=1, max_size=5),
+       st.booleans())
+def test_incremental_interrupts_parse_is_a_fresh_parse(base, rounds, newline_at_end):
+    """Random edits between reads (lines set, inserted, deleted, grown by a digit; bad counts,
+    cut lines, odd line breaks, non-ASCII): parsing each read against the previous parse gives
+    what parsing every line again gives, samples in order, faults and held values alike."""
+    lines, last = base, None
+    for edits in [[], *rounds]:
+        for e in edits:
+            lines = _apply(lines, e)
+        data = _IRQ_HEADER + b"\n".join(lines) + (b"\n" if newline_at_end else b"")
+        try:
+            want = _fresh(data, last)
+        except SourceUnavailable:
+            with pytest.raises(SourceUnavailable):
+                parse_interrupts(data, Snapshot(), "x", last)
+            continue
+        snap = Snapshot()
+        got = parse_interrupts(data, snap, "x", last)
+        assert list(got.by_irq.items()) == list(want.by_irq.items())
+        assert got.faults == want.faults and snap.faults == want.faults
+        assert snap.counters == list(want.by_irq.values())
+        assert got.names() == want.names()
+        last = got
+
+
+@FUZZ
+@example(["18446744073709551615", "1"])
+@example(["18446744073709551616"])
+@example(["9" * 19, "+1"])
+@example(["１"])
+@example(["1_0"])
+@given(st.lists(_atoms.map(str.strip).filter(lambda s: s and not any(c.isspace() for c in s)), max_size=6))
+def test_sum_counters_is_the_sum_of_counter_values(fields):
+    try:
+        want = sum(map(counter_value, fields))
+    except ValueError:
+        with pytest.raises(ValueError):
+            sum_counters(fields)
+        return
+    assert sum_counters(fields) == want

@@ -311,3 +311,122 @@ def test_a_400_digit_count_skips_the_line_not_the_source(node):
     snap = src.read()
     assert [f.what for f in snap.faults] == ["not a number"]
     assert _irq(snap)[("120", "mlx5_comp0@pci:0000:5e:00.0")] == 1000
+
+
+# -- the line-by-line reuse of the previous parse (issue 13 item 14) ---------------------------
+
+
+def _by_irq(node):
+    from pcietax.sources.procfs import read_interrupts
+
+    return read_interrupts(node.proc, max_age=0)
+
+
+def test_an_unchanged_file_reuses_the_whole_parse(node):
+    first = _by_irq(node)
+    assert _by_irq(node) is first  # not one line decoded or parsed again
+
+
+def test_a_changed_line_is_parsed_again_and_only_it(node):
+    first = _by_irq(node)
+    _edit_interrupts(node, lambda ls: [ln.replace(" 400   PCI", " 401   PCI") for ln in ls])
+    second = _by_irq(node)
+    assert second is not first
+    assert second.by_irq["120"].value == 1001 and first.by_irq["120"].value == 1000
+    assert second.by_irq["LOC"] is first.by_irq["LOC"]
+    assert list(second.by_irq) == list(first.by_irq)  # every IRQ keeps its place
+
+
+def test_a_line_that_changes_length_does_not_shift_the_lines_after_it(node):
+    first = _by_irq(node)
+    _edit_interrupts(node, lambda ls: [ln.replace(" 400   PCI", " 4000000000   PCI") for ln in ls])
+    second = _by_irq(node)
+    assert second.by_irq["120"].value == 1000 - 400 + 4_000_000_000
+    for irq in ("121", "130", "NMI", "LOC", "TLB", "ERR", "MIS"):
+        assert second.by_irq[irq] is first.by_irq[irq], irq  # found again at their new offsets
+    assert second.faults == []
+
+
+def test_a_file_that_grows_and_shrinks(node):
+    first = _by_irq(node)
+    _edit_interrupts(node, lambda ls: [*ls[:3], " 77:   5   6   7   8   IO-APIC 7-edge parport0", *ls[3:]])
+    grown = _by_irq(node)
+    assert grown.by_irq["77"].value == 26 and len(grown.by_irq) == len(first.by_irq) + 1
+    assert grown.by_irq["LOC"].value == first.by_irq["LOC"].value
+    _edit_interrupts(node, lambda ls: ls[:4])  # cut after IRQ 77: the rest is gone, not held
+    shrunk = _by_irq(node)
+    assert set(shrunk.by_irq) == {"0", "8", "77"} and shrunk.faults == []
+    assert _by_irq(node) is shrunk
+
+
+def test_a_line_gone_bad_holds_its_count_on_every_read(node):
+    first = _by_irq(node)
+    _edit_interrupts(node, lambda ls: [ln.replace(" 300 ", " 3x0 ") if "mlx5_comp0" in ln else ln
+                                       for ln in ls])
+    for _ in range(3):  # the file no longer changes: the bad line is still a fault, still held
+        bad = _by_irq(node)
+        assert [f.what for f in bad.faults] == ["not a number"]
+        assert bad.by_irq["120"] is first.by_irq["120"]
+        assert list(bad.by_irq) == list(first.by_irq)
+
+
+def test_an_odd_line_break_in_a_changed_line_splits_as_the_text_did(node):
+    """\\f is a line break to str.splitlines, not to a byte scan: the line numbers of later faults
+    and the split lines must be what parsing the decoded text gives."""
+    from pcietax.sources.base import Snapshot
+    from pcietax.sources.procfs import parse_interrupts
+
+    _by_irq(node)
+    _edit_interrupts(node, lambda ls: [ln.replace("timer", "ti\x0cmer") for ln in ls] + ["junk"])
+    got = _by_irq(node)
+    want = parse_interrupts((node.proc / "interrupts").read_text(), Snapshot(), str(node.proc / "interrupts"))
+    assert got.by_irq == want.by_irq and got.faults == want.faults
+    # "mer" (IRQ 0), "mer interrupts" (LOC) and "junk": lines of their own, with their own numbers
+    assert [f.what for f in got.faults] == ["truncated line"] * 3
+    assert got.faults[-1].where.endswith(":15") and got.by_irq["LOC"].value == 10_000
+
+
+def test_read_cap_is_exact_and_the_buffer_is_reused(tmp_path):
+    from pcietax.fsread import FileTooLarge, read_bytes, read_into
+
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 100)
+    buf = bytearray()
+    assert read_into(p, buf, limit=100) == 100 and bytes(buf[:100]) == b"x" * 100
+    assert read_bytes(p, limit=100) == b"x" * 100
+    p.write_bytes(b"y" * 10)  # a shorter file into the same buffer: only its length counts
+    assert read_into(p, buf, limit=100) == 10 and bytes(buf[:10]) == b"y" * 10
+    p.write_bytes(b"z" * 101)
+    with pytest.raises(FileTooLarge):
+        read_into(p, buf, limit=100)
+    with pytest.raises(FileTooLarge):
+        read_bytes(p, limit=100)
+    with pytest.raises(IsADirectoryError) as e:  # named, as open() named it
+        read_bytes(tmp_path)
+    assert e.value.filename == str(tmp_path)
+
+
+def test_a_huge_interrupts_file_is_refused_and_not_kept(node):
+    from pcietax.fsread import PROCFS_MAX
+    from pcietax.sources import procfs
+
+    _by_irq(node)
+    with open(node.proc / "interrupts", "ab") as f:
+        f.truncate(PROCFS_MAX + 1)
+    with pytest.raises(SourceUnavailable, match="larger than"):
+        _source(node).read()
+    assert len(procfs._CACHE[str(node.proc / "interrupts")].buf) == 0
+
+
+def test_a_bad_line_after_a_good_one_of_the_same_irq_does_not_hold_over_it(node):
+    """The held value is for an IRQ whose line is bad this read: one that also has a good line
+    this read (a file with an IRQ twice) keeps this read's count."""
+    from pcietax.sources.base import Snapshot
+    from pcietax.sources.procfs import parse_interrupts
+
+    head = b"           CPU0       CPU1\n"
+    first = parse_interrupts(head + b"  5:  1  2  IO-APIC 5-edge x\n", Snapshot(), "x")
+    for _ in range(2):  # a fresh parse of the lines, then their reuse
+        first = parse_interrupts(head + b"  5:  3  4  IO-APIC 5-edge x\n  5:  3y  IO-APIC 5-edge x\n",
+                                 Snapshot(), "x", first)
+        assert first.by_irq["5"].value == 7 and [f.what for f in first.faults] == ["not a number"]

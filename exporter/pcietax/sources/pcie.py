@@ -9,6 +9,7 @@ per cycle instead of 9 per function."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -20,7 +21,7 @@ from ..fsread import counter_value, read_optional_str, read_text
 from ..pciclass import classify
 from ..pcie_config import read_max_payload_size
 from ..pcie_math import ceiling, gen_of_speed
-from .base import Snapshot, SourceAbsent, SourceUnavailable
+from .base import Labels, Sample, Snapshot, SourceAbsent, SourceUnavailable, labels_of
 
 SPEED = catalog.PCIE_LINK_SPEED_GTS
 WIDTH = catalog.PCIE_LINK_WIDTH
@@ -49,6 +50,16 @@ def parse_aer(text: str) -> dict[str, int]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def usable_bytes_per_second(gts: float, width: int, mps: int) -> float | None:
+    """The ceiling of a negotiated link, None where pcie_math has none (link down, unknown rate).
+    Pure arithmetic over a node's handful of link states: computed once each, not per cycle."""
+    try:
+        return ceiling(gen_of_speed(gts), width, mps).usable_bytes_per_second
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class _Fixed:
     """What does not change while a function exists: None kind = not a GPU or NIC."""
@@ -68,6 +79,7 @@ class PcieSource:
         self._clock = clock
         self._fixed: dict[str, _Fixed] = {}
         self._fixed_at = float("-inf")
+        self._labels: dict[tuple[str, str, str], Labels] = {}  # dropped with _fixed, on refresh
 
     def start(self) -> None:
         if not os.path.isdir(self._devices):
@@ -84,7 +96,7 @@ class PcieSource:
             raise SourceUnavailable(f"cannot list {self._devices}: {e}") from e
         now = self._clock()
         if now - self._fixed_at >= self._refresh:
-            self._fixed, self._fixed_at = {}, now
+            self._fixed, self._fixed_at, self._labels = {}, now, {}
         fixed = self._fixed
         for gone in set(fixed) - set(names):
             del fixed[gone]  # unplugged: read afresh if it comes back
@@ -137,20 +149,28 @@ class PcieSource:
             snap.fault("garbage link state", f"{dev}/{state}_link_*: {speed_s!r} x {width_s!r}")
             return None
 
+    def _label(self, addr: str, kind: str, state: str) -> Labels:
+        # Label sets are the same every cycle: built (and sorted) once per device and state.
+        lbl = self._labels.get((addr, kind, state))
+        if lbl is None:
+            kv = {"pci_bus_id": addr, "device_kind": kind, **({"state": state} if state else {})}
+            lbl = self._labels[(addr, kind, state)] = labels_of(**kv)
+        return lbl
+
     def _read_device(self, snap: Snapshot, dev: str, addr: str, f: _Fixed) -> None:
         kind = f.kind
+        assert kind is not None
         current = self._link(snap, dev, "current")
+        gauges = snap.gauges
         for state, link in (("current", current), ("max", f.max_link)):
             if link is not None:
-                snap.gauge(SPEED, link[0], pci_bus_id=addr, device_kind=kind, state=state)
-                snap.gauge(WIDTH, link[1], pci_bus_id=addr, device_kind=kind, state=state)
+                lbl = self._label(addr, kind, state)
+                gauges.append(Sample(SPEED, lbl, float(link[0])))
+                gauges.append(Sample(WIDTH, lbl, float(link[1])))
         if current is not None:
-            gts, width = current
-            try:
-                c = ceiling(gen_of_speed(gts), width, f.mps)
-                snap.gauge(CEILING, c.usable_bytes_per_second, pci_bus_id=addr, device_kind=kind)
-            except ValueError:
-                pass  # link down (width 0) or a rate pcie_math does not know: no ceiling to give
+            usable = usable_bytes_per_second(current[0], current[1], f.mps)
+            if usable is not None:  # None: link down (width 0) or a rate pcie_math does not know
+                gauges.append(Sample(CEILING, self._label(addr, kind, ""), float(usable)))
         aer_path = dev + "/aer_dev_correctable"
         try:
             aer = parse_aer(read_text(aer_path))
@@ -159,8 +179,9 @@ class PcieSource:
         except (OSError, ValueError, UnicodeDecodeError) as e:
             snap.fault("unreadable AER counters", f"{aer_path}: {e}")
             return
+        lbl = self._label(addr, kind, "")
         if "TOTAL_ERR_COR" in aer:
-            snap.counter(CORRECTABLE, aer["TOTAL_ERR_COR"], pci_bus_id=addr, device_kind=kind)
+            snap.counters.append(Sample(CORRECTABLE, lbl, float(aer["TOTAL_ERR_COR"])))
         if "Rollover" in aer and "Timeout" in aer:
             # Both or nothing: a file cut before one of them would export a partial sum (a fake reset).
-            snap.counter(REPLAY, aer["Rollover"] + aer["Timeout"], pci_bus_id=addr, device_kind=kind)
+            snap.counters.append(Sample(REPLAY, lbl, float(aer["Rollover"] + aer["Timeout"])))
