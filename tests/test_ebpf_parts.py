@@ -415,3 +415,43 @@ def test_pod_of_an_exited_process_comes_from_its_cgroup_id(tmp_path):
 
 def test_outside_kubernetes_pod_labels_are_empty(tmp_path):
     assert Identities(tmp_path, None, None).ident(5, b"x", 1) == ("x", "", "", "")
+
+
+# --- the start-up calibration ------------------------------------------------------------------
+
+
+def test_dispatch_is_calibrated_even_where_no_uprobe_site_could_be(monkeypatch):
+    """A libc whose calibration functions cannot be probed (here: every uprobe attach refused)
+    once stopped the tracepoint calibration after its first estimate and left the default. The fake
+    reproduces what an attached program does to the calibration's AF_UNIX sends: each costs more
+    (2 us here, well above this VM's noise) while it is attached."""
+    import socket
+
+    from pcietax.sources.ebpf import selfcost
+
+    attached = [False]
+    real_pair = socket.socketpair
+
+    class Slowed:
+        def __init__(self, sock: socket.socket) -> None:
+            self._sock = sock
+
+        def send(self, data: bytes) -> int:
+            if attached[0]:
+                end = time.perf_counter() + 2e-6
+                while time.perf_counter() < end:
+                    pass
+            return self._sock.send(data)
+
+        def __getattr__(self, name: str):
+            return getattr(self._sock, name)
+
+    monkeypatch.setattr(selfcost.socket, "socketpair", lambda: tuple(Slowed(s) for s in real_pair()))
+
+    def attach_tracepoint():
+        attached[0] = True
+        return lambda: attached.__setitem__(0, False)
+
+    cal = selfcost.calibrate(lambda path, offset: None, attach_tracepoint)
+    assert not cal.measured  # the uprobe sites were not
+    assert cal.trap_s["tracepoint"] > 1e-6 > selfcost.DEFAULT_TRAP_S["tracepoint"]

@@ -112,7 +112,7 @@ def calibrate(attach_uprobe: Callable[[str, int], Callable[[], None] | None],
         # Many short batches, best of each: the calibration runs while other sources start in
         # this process, and a batch that lost the GIL or the CPU is slower, never faster.
         # A single-stepped hit costs ~30x: fewer suffice.
-        k, rounds = (n // 8, 12) if site == "push" else (n // 8, 4)
+        k, rounds = n // 8, (12 if site == "push" else 4)
         base = _timed(call, k, rounds=rounds)
         detach = attach_uprobe(libc_path, fn.offset)
         if detach is None:
@@ -136,7 +136,9 @@ def calibrate(attach_uprobe: Callable[[str, int], Callable[[], None] | None],
         # of each side (noise only ever adds time). Its difference still swings when one side
         # was luckier, or jumps when another thread held the GIL all along, so five estimates
         # are made and their median kept. A raw tracepoint attaches in microseconds.
+        # (A uprobe site that could not be measured above says nothing about this one.)
         estimates: list[float] = []
+        attached = True
         k = max(n // 2, 1)
         for _ in range(5):
             base = probed = float("inf")
@@ -144,19 +146,20 @@ def calibrate(attach_uprobe: Callable[[str, int], Callable[[], None] | None],
                 base = min(base, _timed(send, k, rounds=2))
                 detach = attach_tracepoint()
                 if detach is None:
-                    measured = False
+                    attached = False
                     break
                 try:
                     probed = min(probed, _timed(send, k, rounds=2))
                 finally:
                     detach()
-            if not measured:
+            if not attached:
+                measured = False
                 break
             estimates.append(probed - base)
         dispatch = statistics.median(estimates) if estimates else 0.0
-        if measured and dispatch > 0:
+        if attached and dispatch > 0:
             trap["tracepoint"] = dispatch
-        elif measured:
+        elif attached:
             # Below this VM's noise: a dispatch is never free, so keep the default, and say so.
             log.info("ebpf: tracepoint dispatch below the timing noise here: default %.2f us",
                      trap["tracepoint"] * 1e6)
