@@ -217,14 +217,13 @@ def run_workload(peer: str, peer_pid: int, seconds: float, chunk: str) -> dict:
 OVERHEAD = "pcietax_probe_overhead_seconds_total"
 
 
+# The accounting's three totals (trap_s: every trap term below, summed).
+ACCOUNTED = ("bpf_run_time_s", "trap_s", "exporter_cpu_s")
+
+
 def accounting(before: dict, after: dict, trap: dict[str, float]) -> dict[str, float]:
-    """Probe cost from the kernel (run time, run counts) x this benchmark's trap costs."""
-    return {k: v for k, v in accounting_parts(before, after, trap).items() if not k.startswith("trap_")
-            or k == "trap_s"}
-
-
-def accounting_parts(before: dict, after: dict, trap: dict[str, float]) -> dict[str, float]:
-    """accounting(), with the traps split as the exporter's cost label splits them."""
+    """Probe cost from the kernel (run time, run counts) x this benchmark's trap costs: the totals
+    (ACCOUNTED) and the traps split as the exporter's ``cost`` label splits them."""
     run_ns = 0
     parts = {"trap_push": 0.0, "trap_step": 0.0, "tracepoint_dispatch": 0.0}
     for pid_, (name, ptype, rt, cnt) in after["progs"].items():
@@ -283,17 +282,16 @@ def main() -> int:
                     if exp is not None:
                         time.sleep(2.5)  # the last duty-cycle window folds, one more collection
                         s1 = exp.snapshot()
-                        rec["acct"] = accounting(s0, s1, trap)
+                        parts = accounting(s0, s1, trap)
+                        rec["acct"] = {k: parts[k] for k in ACCOUNTED}
                         rec["programs"] = per_program(s0, s1)
-                        rec["self_reported_s"] = (_sum(s1["m"], "pcietax_probe_overhead_seconds_total")
-                                                  - _sum(s0["m"], "pcietax_probe_overhead_seconds_total"))
+                        rec["self_reported_s"] = _sum(s1["m"], OVERHEAD) - _sum(s0["m"], OVERHEAD)
                         # Term by term: which part of the self-report disagrees, if one does.
-                        parts = accounting_parts(s0, s1, trap)
                         rec["terms"] = {
                             c: {"self_reported_s": (_sum(s1["m"], OVERHEAD, cost=c)
                                                     - _sum(s0["m"], OVERHEAD, cost=c)),
-                                "accounted_s": parts.get(c, parts["bpf_run_time_s"] if c == "bpf_run_time"
-                                                         else 0.0)}
+                                "accounted_s": (parts["bpf_run_time_s"] if c == "bpf_run_time"
+                                                else parts.get(c, 0.0))}
                             for c in ("bpf_run_time", "trap_push", "trap_step", "tracepoint_dispatch",
                                       "run_time_estimate")}
                         for fam, want in (("pcietax_cuda_copy_bytes_total", truth["cuda_copies"]["h2d"]
