@@ -438,3 +438,83 @@ def test_close_waits_for_a_start_in_flight_and_closes_it():
     threading.Timer(0.3, slow.release.set).start()
     eng.close()  # must not leave a source started after close (its probes would stay attached)
     assert slow.closed
+
+
+class Shared(Scripted):
+    """A source that only reads kernel files: the engine reads it in its shared lane."""
+
+    shares_lane = True
+
+
+def test_shared_lane_reads_file_sources_one_after_another_in_one_worker():
+    threads: dict[str, int] = {}
+    running = [0]
+    overlap = []
+
+    def tracked(name: str, rx: float) -> Read:
+        def read() -> Snapshot:
+            running[0] += 1
+            overlap.append(running[0])
+            threads[name] = threading.get_ident()
+            time.sleep(0.01)
+            running[0] -= 1
+            return nic(rx)()
+        return read
+
+    a, b, c = (Shared(n, [tracked(n, 1)]) for n in ("netdev", "procfs", "pcie"))
+    eng = make(a, b, c)
+    try:
+        f = eng.collect()
+        assert all(f.status[n].up for n in ("netdev", "procfs", "pcie"))
+        assert len(set(threads.values())) == 1 and threading.get_ident() not in threads.values()
+        assert max(overlap) == 1  # never two reads at once
+        assert all(f.status[n].duration >= 0.01 for n in ("netdev", "procfs", "pcie"))
+    finally:
+        eng.close()
+
+
+def test_a_hung_shared_read_is_isolated_and_the_sources_behind_it_still_read(caplog):
+    """A sysfs read that blocks (a wedged device) must not take the file sources queued behind it
+    down with it: they are read again at once, and the hung source gets a worker of its own."""
+    release = threading.Event()
+
+    def hang() -> Snapshot:
+        release.wait(60)
+        return nic(1)()
+
+    hung = Shared("pcie", [hang, nic(2)])
+    behind = Shared("netdev", [nic(100), nic(200), nic(300)])
+    eng = make(hung, behind, read_budget=0.2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pcietax"):
+            f1 = eng.collect()
+        assert not f1.status["pcie"].up and "longer than 0.2s" in f1.status["pcie"].reason
+        assert f1.status["netdev"].up and f1.counters[ETH0] == 100
+        assert any("worker of its own" in r.getMessage() for r in caplog.records)
+        f2 = eng.collect()
+        # Its own worker now: the lane does not wait for it, and it is not read twice.
+        assert f2.status["netdev"].up and f2.counters[ETH0] == 200
+        assert not f2.status["pcie"].up and hung.read_calls == 1
+        release.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            f3 = eng.collect()
+            if f3.status["pcie"].up and hung.read_calls >= 2:
+                break
+            time.sleep(0.05)
+        assert f3.status["pcie"].up and f3.status["netdev"].up
+    finally:
+        release.set()
+        eng.close()
+
+
+def test_a_shared_read_that_raises_fails_alone():
+    bad = Shared("pcie", [raises(OSError("EIO"))])
+    good = Shared("netdev", [nic(5)])
+    eng = make(bad, good)
+    try:
+        f = eng.collect()
+        assert not f.status["pcie"].up and "OSError: EIO" in f.status["pcie"].reason
+        assert f.status["netdev"].up and f.counters[ETH0] == 5
+    finally:
+        eng.close()

@@ -83,7 +83,11 @@ class SourceAbsent(SourceUnavailable):
 
 @runtime_checkable
 class Source(Protocol):
-    """start() may raise SourceUnavailable; read() returns a Snapshot or raises; close() is idempotent."""
+    """start() may raise SourceUnavailable; read() returns a Snapshot or raises; close() is idempotent.
+
+    A source whose read() only reads kernel files sets the class attribute ``shares_lane = True``:
+    the engine reads it one after another with the others in one worker (engine.py); any other
+    source (one that calls into a driver library) gets a worker of its own."""
 
     name: str
 

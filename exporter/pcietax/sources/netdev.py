@@ -57,6 +57,7 @@ def parse_net_dev(text: str, snap: Snapshot, where: str) -> dict[str, tuple[int,
 
 class NetdevSource:
     name = "netdev"
+    shares_lane = True  # kernel files only: read in the engine's shared lane
 
     def __init__(self, procfs: str = "/proc", sysfs: str = "/sys", nics: list[str] | None = None) -> None:
         self._procfs = Path(procfs)

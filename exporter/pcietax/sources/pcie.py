@@ -71,6 +71,7 @@ class _Fixed:
 
 class PcieSource:
     name = "pcie"
+    shares_lane = True  # kernel files only: read in the engine's shared lane
 
     def __init__(self, sysfs: str = "/sys", refresh: float = DEFAULT_REFRESH,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -116,6 +116,7 @@ def read_interrupts(procfs: str | os.PathLike[str], max_age: float = CYCLE_SHARE
 
 class ProcfsSource:
     name = "procfs"
+    shares_lane = True  # kernel files only: read in the engine's shared lane
 
     def __init__(self, procfs: str = "/proc", user_hz: float | None = None) -> None:
         self._root = Path(procfs)

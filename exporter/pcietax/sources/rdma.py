@@ -21,6 +21,7 @@ TX = catalog.RDMA_PORT_TRANSMIT_BYTES
 
 class RdmaSource:
     name = "rdma"
+    shares_lane = True  # kernel files only: read in the engine's shared lane
 
     def __init__(self, sysfs: str = "/sys") -> None:
         self._base = Path(sysfs) / "class/infiniband"

@@ -27,6 +27,7 @@ def _labels(p: Pair) -> dict[str, str]:
 
 class TopologySource:
     name = "topology"
+    shares_lane = True  # kernel files only: read in the engine's shared lane
 
     def __init__(
         self,
