@@ -518,3 +518,135 @@ def test_a_shared_read_that_raises_fails_alone():
         assert f.status["netdev"].up and f.counters[ETH0] == 5
     finally:
         eng.close()
+
+
+class Sensing(Shared):
+    """A lane source with a sensor, as netdev's /proc/net/dev check: ``moved`` is what it says."""
+
+    def __init__(self, name: str, reads: list[Read]):
+        super().__init__(name, reads)
+        self.moved = 0.0
+        self.sense_calls = 0
+        self.sense_error: Exception | None = None
+
+    def sense(self) -> float | None:
+        self.sense_calls += 1
+        if self.sense_error is not None:
+            raise self.sense_error
+        return self.moved
+
+
+def resting_engine(src, clock: Clock, rest: float = 15.0, window: float = 10.0) -> Engine:
+    eng = Engine([src], TaxModel(window, 1 << 20), clock=clock, rest_interval=rest)
+    eng.start_sources()
+    eng.collect()
+    return eng
+
+
+def ticks(eng: Engine, clock: Clock, n: int, src: Sensing | None = None, per_tick: float = 0.0) -> list[bool]:
+    """``n`` one-second ticks of the background loop; True where a full cycle ran."""
+    out = []
+    for _ in range(n):
+        clock.t += 1.0
+        if src is not None:
+            src.moved += per_tick
+        due = eng.cycle_due(1.0)
+        if due:
+            eng.collect()
+        out.append(due)
+    return out
+
+
+def test_an_idle_node_reads_in_full_every_rest_interval_and_says_so():
+    clock = Clock()
+    src = Sensing("netdev", [nic(100)])
+    eng = resting_engine(src, clock)
+    try:
+        # The first window after start runs at 1 Hz (the sensor has no baseline yet), then rests.
+        first = ticks(eng, clock, 11, src)
+        assert all(first)
+        rest = ticks(eng, clock, 45, src)
+        assert sum(rest) == 3 and rest[14] and rest[29] and rest[44]  # every 15 s exactly
+        assert eng.frame().resting
+        assert src.sense_calls == 56  # one cheap check per tick
+    finally:
+        eng.close()
+
+
+def test_traffic_at_the_ratio_threshold_wakes_at_once_and_stays_a_window():
+    clock = Clock()
+    src = Sensing("netdev", [nic(100)])
+    eng = resting_engine(src, clock)
+    try:
+        ticks(eng, clock, 20, src)
+        assert eng.frame().resting
+        # 1 MiB per 10 s window is 104,858 B/s: above that every tick reads in full.
+        busy = ticks(eng, clock, 5, src, per_tick=110_000.0)
+        assert all(busy) and not eng.frame().resting
+        # After the last of it, a ratio window more at 1 Hz (the ratio decays to absent), then rest.
+        after = ticks(eng, clock, 14, src)
+        assert all(after[:10]) and not any(after[10:])
+    finally:
+        eng.close()
+
+
+def test_traffic_below_the_threshold_lets_the_node_rest():
+    clock = Clock()
+    src = Sensing("netdev", [nic(100)])
+    eng = resting_engine(src, clock)
+    try:
+        ticks(eng, clock, 11, src)
+        quiet = ticks(eng, clock, 30, src, per_tick=50_000.0)  # scrapes and ssh: half the threshold
+        assert sum(quiet) == 2
+    finally:
+        eng.close()
+
+
+def test_payload_the_sensor_cannot_see_keeps_the_node_active_from_the_full_cycle():
+    """RDMA verbs and GPUDirect bytes are not in /proc/net/dev: the model's bytes since the last
+    full cycle keep the node at 1 Hz once a full cycle has seen them."""
+    clock = Clock()
+    rx = [1000.0]
+
+    def growing() -> Snapshot:
+        return nic(rx[0])()
+
+    src = Sensing("netdev", [growing])
+    eng = resting_engine(src, clock)
+    try:
+        ticks(eng, clock, 20, src)
+        assert eng.frame().resting
+        rx[0] += 100 << 20  # 100 MiB through the NIC counter the full cycle reads, none sensed
+        woke = ticks(eng, clock, 15, src)
+        k = woke.index(True)  # the next full cycle at rest sees it...
+        assert all(woke[k + 1:k + 11]) and not eng.frame().resting  # ...and keeps 1 Hz a window
+    finally:
+        eng.close()
+
+
+def test_no_sensor_or_a_failing_one_never_rests():
+    clock = Clock()
+    plain = Shared("procfs", [nic(1)])
+    eng = resting_engine(plain, clock)
+    try:
+        assert all(ticks(eng, clock, 40)) and not eng.frame().resting
+    finally:
+        eng.close()
+    src = Sensing("netdev", [nic(1)])
+    eng = resting_engine(src, clock)
+    try:
+        ticks(eng, clock, 20, src)
+        src.sense_error = OSError("EIO")
+        assert all(ticks(eng, clock, 12, src))
+    finally:
+        eng.close()
+
+
+def test_rest_interval_zero_reads_every_tick():
+    clock = Clock()
+    src = Sensing("netdev", [nic(1)])
+    eng = resting_engine(src, clock, rest=0.0)
+    try:
+        assert all(ticks(eng, clock, 40, src)) and src.sense_calls == 0
+    finally:
+        eng.close()

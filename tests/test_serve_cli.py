@@ -59,6 +59,8 @@ def bad_flag_cases(tmp, busy: int) -> list[tuple[list[str], list[str]]]:
         (["--collect.interval", "99999999999h"], ["--collect.interval", "is too long"]),
         (["--collect.interval", "2h"], ["--collect.interval", "out of range: give 10ms to 1h"]),
         (["--otlp.interval", "nan"], ["--otlp.interval", "not a duration"]),
+        (["--collect.rest-interval", "500ms"], ["--collect.rest-interval", "shorter than"]),
+        (["--collect.rest-interval", "soon"], ["--collect.rest-interval", "not a duration"]),
         (["--path.sysfs", str(tmp / "nope")], ["--path.sysfs", "nope: no such directory", "mount point"]),
         (["--path.procfs", str(bad_yaml)], ["--path.procfs", "bad.yml: no such directory"]),
     ]
@@ -355,3 +357,55 @@ def test_sigterm_with_ebpf_on_exits_within_2s_and_leaves_nothing_in_the_kernel(t
     assert took < 2.0, (took, log.read_text())
     assert _wait_gone(ids) == set()
     assert not [e for e in uprobe_events() if cudart in e]
+
+
+def _gauge(body: bytes, name: str) -> float:
+    for line in body.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in the scrape")
+
+
+def _nic_rx(body: bytes, nic: str) -> float:
+    for line in body.decode().splitlines():
+        if line.startswith("pcietax_nic_receive_bytes_total{") and f'nic="{nic}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no receive bytes of {nic} in the scrape")
+
+
+def test_an_idle_node_rests_and_traffic_in_proc_net_dev_wakes_it_at_once(tmp_path):
+    """The real exporter on a fixture node: quiet, it says resting=1 and stops re-reading the host
+    sources every tick; bytes through a NIC's /proc/net/dev line wake a full cycle within a tick
+    or two, and the new bytes are in the next scrape."""
+    from helpers.exporters import serve_args
+    from helpers.gpunode import gpu_node
+
+    node = gpu_node(tmp_path / "node", ncpu=4, irq_lines=40)
+    port = free_port()
+    # A 100 ms tick and a 0.5 s ratio window (threshold 1 MiB per 0.5 s); the rest interval is long,
+    # so the next full cycle after coming to rest is ~10 s away: only the sensor reads sooner.
+    proc = subprocess.Popen([*pcietax_cmd(), *serve_args(node.sys, node.proc, port, [
+        "--collect.interval", "100ms", "--collect.rest-interval", "10s", "--ratio.window", "500ms"])],
+        env=pcietax_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_status(port, "/metrics", 200, proc)
+        deadline = time.monotonic() + 30
+        while _gauge(wait_status(port, "/metrics", 200, proc), "pcietax_collect_resting") != 1:
+            assert time.monotonic() < deadline, "never came to rest"
+            time.sleep(0.1)
+        nic = next(n for n in node._netdev if n.startswith("ens"))
+        rx, tx = node._netdev[nic]
+        before = _nic_rx(wait_status(port, "/metrics", 200, proc), nic)
+        node.set_netdev_bytes(nic, rx + (64 << 20), tx)  # 64 MiB in a tick: far above the threshold
+        t0 = time.monotonic()
+        while True:
+            body = wait_status(port, "/metrics", 200, proc)
+            if _nic_rx(body, nic) > before:
+                break
+            assert time.monotonic() - t0 < 1.5, "the rest interval, not the sensor, read the traffic"
+            time.sleep(0.02)
+        assert _nic_rx(body, nic) == before + (64 << 20)
+        assert _gauge(body, "pcietax_collect_resting") == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

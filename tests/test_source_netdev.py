@@ -339,3 +339,36 @@ def test_churning_vfs_do_not_grow_the_state(fake_node):
         fake_node.remove_netdev(f"vf{i}")
     assert len(src._totals._parts) <= 40 + 10 + 2
     assert len(src._totals._absorber) <= 2 * (40 + 10 + 2)
+
+
+def test_sense_sums_the_counted_netdevs_from_proc_net_dev_alone(node):
+    """The engine's at-rest check: the bytes of the netdevs the last read counted (no virtual ones,
+    no --nic outsiders), from /proc/net/dev only: a change in sysfs alone is not seen."""
+    src = _source(node)
+    assert src.sense() is None  # nothing counted yet: no sensor
+    src.read()
+    counted = 1_000 + 2_000 + 3_000 + 4_000 + 10_000 + 20_000 + 555 + 666  # eno1, eno2, ens5f0, ib0
+    assert src.sense() == counted
+    node.set_netdev_bytes("eno2", 3_000 + 7, 4_000)
+    node.set_netdev_bytes("lo", 1 << 40, 1 << 40)  # virtual: not a sensed NIC
+    assert src.sense() == counted + 7
+    only = _source(node, ["eno1"])
+    only.read()
+    assert only.sense() == 3_000
+
+
+def test_sense_of_a_broken_file_raises_so_the_engine_reads_in_full(node):
+    src = _source(node)
+    src.read()
+    (node.proc / "net/dev").write_text("")
+    with pytest.raises(SourceUnavailable):
+        src.sense()
+
+
+def test_sense_is_none_for_an_infiniband_hca_without_a_netdev(fake_node):
+    ib = fake_node.add_pci("0000:86:00.0", 0x020700)
+    fake_node.add_rdma("mlx5_1", ib, {1: ("InfiniBand", 100, 200)})
+    fake_node.add_netdev("lo", None, 5, 5)
+    src = _source(fake_node)
+    src.read()
+    assert src.sense() is None

@@ -53,6 +53,16 @@ def duration_between(lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
+def off_or(parse: Callable[[str], float]) -> Callable[[str], float]:
+    """``parse``, or 0 for "0" / "off": a flag whose feature can be turned off."""
+
+    def parse_or_off(text: str) -> float:
+        return 0.0 if text.strip().lower() in ("0", "off") else parse(text)
+
+    parse_or_off.__name__ = parse.__name__
+    return parse_or_off
+
+
 def size_or_zero(text: str) -> int:
     """4096, 512KiB, 64MiB, 1M, 2GiB (binary units; a trailing B is optional)."""
     t = text.strip().lower().removesuffix("b")

@@ -60,6 +60,7 @@ PROBE_HITS = "pcietax_probe_hits_total"
 PROBE_OVERHEAD_SECONDS = "pcietax_probe_overhead_seconds_total"
 PROBE_DROPS = "pcietax_probe_drops_total"
 COLLECT_DURATION_SECONDS = "pcietax_collect_duration_seconds"
+COLLECT_RESTING = "pcietax_collect_resting"
 SCRAPE_DURATION_SECONDS = "pcietax_scrape_duration_seconds"
 BUILD_INFO = "pcietax_build_info"
 
@@ -218,6 +219,10 @@ FAMILIES: dict[str, Family] = {
         _F(COLLECT_DURATION_SECONDS, "gauge", ("source",),
            "Seconds the source took in the last background collection cycle (not a scrape: scrapes "
            "render the latest cycle).", "self"),
+        _F(COLLECT_RESTING, "gauge", (),
+           "1 while the node is at rest (payload below the ratio's --ratio.min-useful-bytes per "
+           "--ratio.window): sources are read every --collect.rest-interval, not every "
+           "--collect.interval; 0 while payload flows.", "self"),
         _F(SCRAPE_DURATION_SECONDS, "gauge", ("source",),
            "DEPRECATED alias of pcietax_collect_duration_seconds (removed in 0.3.0).", "self"),
         _F(BUILD_INFO, "gauge", ("version", "python", "sources"),

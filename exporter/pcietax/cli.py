@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__, top, topo_cli
-from .argtypes import duration_between, size_or_zero
+from .argtypes import duration_between, off_or, size_or_zero
 from .sources import SourceOptions
 
 log = logging.getLogger("pcietax")
@@ -76,6 +76,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--collect.interval", dest="collect_interval", type=duration_between(0.01, 3600),
                    default=1.0, help="how often sources are read (default 1s, 10ms to 1h); scrapes "
                                      "render the latest read")
+    p.add_argument("--collect.rest-interval", dest="collect_rest_interval",
+                   type=off_or(duration_between(0.01, 3600)), default=15.0, metavar="DURATION|0",
+                   help="at rest (payload below --ratio.min-useful-bytes per --ratio.window), read "
+                        "sources this often instead, waking at once when /proc/net/dev shows traffic "
+                        "(default 15s; 0 reads every --collect.interval always)")
     p.add_argument("--otlp.endpoint", dest="otlp_endpoint", default=None, metavar="URL",
                    help="also push the same metrics over OTLP/HTTP, e.g. http://collector:4318/v1/metrics")
     p.add_argument("--otlp.interval", dest="otlp_interval", type=duration_between(0.1, 86400), default=15.0,
@@ -201,6 +206,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"pcietax serve: --target.comm {args.target_comm!r} is not a valid regex: {e}",
                   file=sys.stderr)
             return 2
+    if 0 < args.collect_rest_interval < args.collect_interval:
+        print(f"pcietax serve: --collect.rest-interval ({args.collect_rest_interval:g}s) is shorter than "
+              f"--collect.interval ({args.collect_interval:g}s): give 0 (never rest) or a longer one",
+              file=sys.stderr)
+        return 2
     bad_root = _check_roots(args)
     if bad_root:
         print(f"pcietax serve: {bad_root}", file=sys.stderr)
@@ -213,7 +223,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     raise_nofile_limit()
     opts = options_from_args(args)
     enabled = [s for s in SOURCES if getattr(args, f"source_{s.name}")]
-    engine = Engine([s.build(opts) for s in enabled], TaxModel(args.ratio_window, args.ratio_min_useful))
+    engine = Engine([s.build(opts) for s in enabled], TaxModel(args.ratio_window, args.ratio_min_useful),
+                    rest_interval=args.collect_rest_interval)
     registry = PcietaxRegistry(engine.frame, [s.name for s in enabled])
     try:
         server = make_server(args.listen, registry, web, ready=engine.ready)

@@ -8,6 +8,13 @@ cycle on the 8-CPU fixture node). Any other source has a worker of its own, and 
 source from the first read that overran the budget: the sources queued behind it are read again
 at once in a fresh lane, so one hang costs the others one extra budget at most, once.
 Scrapes never touch a source: they render the latest Frame, which is replaced atomically.
+
+At rest (``rest_interval``): while the node moves less payload than the tax ratio needs (the
+model's minimum useful bytes per window), a full cycle runs only every ``rest_interval``; in the
+ticks between, a source with a ``sense()`` (netdev: ``/proc/net/dev`` alone) says whether bytes
+flow, and traffic at the ratio's threshold starts a full cycle at once and keeps the 1 Hz cycle
+for a ratio window after the last of it. An idle 8-CPU node then costs a fraction of a
+node_exporter scraped every 15 s instead of ten times it; with no sensor up the node never rests.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from .model import Inputs, SeriesKey, TaxModel, TaxState
 from .sources.base import Snapshot, Source, SourceAbsent, SourceUnavailable
 
 log = logging.getLogger("pcietax")
+
+# Hops whose bytes say payload flows (UPI is left out: coherence traffic crosses it at rest).
+ACTIVITY_HOPS = frozenset({"nic_dma", "kernel_copy", "user_copy", "host_to_gpu", "nic_gpu_p2p"})
 
 # Re-log a fault that keeps happening at most this often (seconds): one line says what and where,
 # without flooding the journal once per second.
@@ -51,6 +61,7 @@ class Frame:
     gauges: dict[SeriesKey, float]
     status: dict[str, SourceStatus]
     tax: TaxState | None
+    resting: bool = False  # this cycle ran at rest: the next full one is up to rest_interval away
 
 
 @dataclass
@@ -87,6 +98,7 @@ class Engine:
         retry_min: float = 30.0,
         retry_max: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        rest_interval: float = 0.0,
     ) -> None:
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
@@ -105,6 +117,11 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.abandoned: list[str] = []  # sources left to the process exit by close(exiting=True)
+        self._rest_interval = rest_interval
+        self._active_until = float("-inf")
+        self._traffic: tuple[float, float] | None = None  # (t, bytes) at the last full cycle
+        self._sensed: tuple[tuple[str, ...], float, float] | None = None  # (sensors, t, bytes)
+        self._resting = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -173,18 +190,82 @@ class Engine:
         return self._frame is not None
 
     def run_in_background(self, interval: float) -> None:
-        """Collect every ``interval`` seconds in a daemon thread (the first cycle runs now)."""
+        """Collect every ``interval`` seconds in a daemon thread (the first cycle runs now); at
+        rest every ``rest_interval`` (see the module docstring)."""
         self.collect()
 
         def loop() -> None:
             while not self._stop.wait(interval):
                 try:
-                    self.collect()
+                    if self.cycle_due(interval):
+                        self.collect()
                 except Exception:  # the loop must survive anything a cycle throws
                     log.exception("collection cycle failed")
 
         self._thread = threading.Thread(target=loop, name="pcietax-collect", daemon=True)
         self._thread.start()
+
+    # -- rest ---------------------------------------------------------------------------------
+
+    @property
+    def _threshold(self) -> float:
+        """Bytes per second below which the node is at rest: the ratio's own minimum."""
+        return self._model.min_useful / self._model.window
+
+    def cycle_due(self, interval: float) -> bool:
+        """Whether this tick (every ``interval``) runs a full cycle."""
+        if self._rest_interval <= interval or self._frame is None:
+            self._resting = False
+            return True
+        now = self._clock()
+        flowing = self._sense(now)
+        if flowing is None or flowing:
+            # Unknown (no sensor up, or its baseline is new) counts as traffic: never rest blind.
+            self._active_until = max(self._active_until, now + self._model.window)
+        if now < self._active_until:
+            self._resting = False
+            return True
+        self._resting = True
+        if not self._frame.resting:
+            return True  # going to rest: one full cycle now, so scrapes see resting=1 at once
+        # Half a tick early: a rest interval that is a multiple of the tick keeps its period.
+        return now - self._frame.t >= self._rest_interval - interval / 2
+
+    def _sense(self, now: float) -> bool | None:
+        """Traffic at the ratio's threshold since the last sense, by the sensors; None when no
+        sensor is up. A sensor runs on this thread, so only a lane source (kernel files) that has
+        never overrun its budget is asked."""
+        sensors = [slot for slot in self._slots if slot.started and slot.read_ok and slot.shared
+                   and slot.pending is None and callable(getattr(slot.source, "sense", None))]
+        total = 0.0
+        for slot in sensors:
+            try:
+                value = slot.source.sense()
+            except Exception as e:  # the next full read reports the fault; this tick reads in full
+                log.debug("source %s: sense failed: %s", slot.source.name, e)
+                return None
+            if value is None:
+                return None
+            total += value
+        if not sensors:
+            return None
+        names = tuple(slot.source.name for slot in sensors)
+        prev, self._sensed = self._sensed, (names, now, total)
+        if prev is None or prev[0] != names or now <= prev[1] or total < prev[2]:
+            return True  # no comparable baseline, or a counter went back (a reset): read in full
+        return self._flowing(total - prev[2], now - prev[1])
+
+    def _flowing(self, moved: float, seconds: float) -> bool:
+        rate = moved / seconds
+        return rate > 0 and rate >= self._threshold  # at a threshold of 0, any byte is traffic
+
+    def _note_traffic(self, now: float, tax: TaxState) -> None:
+        """After a full cycle: traffic the sensors cannot see (RDMA verbs, GPU PCIe) keeps the node
+        active too, from the model's own byte counts since the previous full cycle."""
+        total = sum(v for (hop, _), v in tax.moved.items() if hop in ACTIVITY_HOPS) + sum(tax.useful.values())
+        prev, self._traffic = self._traffic, (now, total)
+        if prev is not None and now > prev[0] and self._flowing(total - prev[1], now - prev[0]):
+            self._active_until = max(self._active_until, now + self._model.window)
 
     # -- one cycle ---------------------------------------------------------------------------
 
@@ -217,6 +298,8 @@ class Engine:
                 if fut is not None:
                     self._finish(slot, fut, max(0.0, deadline - time.monotonic()))
             frame = self._build(now)
+            if frame.tax is not None:
+                self._note_traffic(now, frame.tax)
             self._frame = frame
             return frame
 
@@ -405,4 +488,4 @@ class Engine:
             )
         # Which GPUs can do peer-to-peer is the model's to decide, from the topology gauges.
         tax = self._model.update(Inputs(now, counters, frozenset(provides), gauges=gauges))
-        return Frame(now, counters, gauges, status, tax)
+        return Frame(now, counters, gauges, status, tax, resting=self._resting)

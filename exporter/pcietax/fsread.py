@@ -16,6 +16,7 @@ SYSFS_MAX = 64 << 10
 # /proc/interrupts on 256 CPUs x 5,000 IRQ lines is about 14 MiB; /proc/net/dev with 100,000
 # interfaces about 15 MiB. Nothing real comes near this.
 PROCFS_MAX = 64 << 20
+READ_CHUNK = 64 << 10
 
 
 class FileTooLarge(OSError):
@@ -30,15 +31,20 @@ def read_bytes(path: str | os.PathLike[str], limit: int = SYSFS_MAX) -> bytes:
     # (fstat, ioctl, lseek, and an mmap/munmap of the whole cap for a procfs read), and each
     # syscall hands the GIL to the other sources' threads: a context switch on a busy cycle.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    chunks: list[bytes] = []
+    n = 0
     try:
-        data = _read_fd(fd, path, limit + 1)
-        while data and len(data) <= limit:
-            more = _read_fd(fd, path, limit + 1 - len(data))
+        while n <= limit:
+            # 64 KiB first, then doubling: os.read allocates the whole size it is asked for, and
+            # asking for the 64 MiB procfs cap mapped and unmapped 64 MiB per read (0.1 ms).
+            more = _read_fd(fd, path, min(limit + 1 - n, max(READ_CHUNK, n)))
             if not more:
                 break
-            data += more  # rare: a file that does not come in one read (a big seq_file)
+            chunks.append(more)
+            n += len(more)
     finally:
         os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(data) > limit:
         raise FileTooLarge(path, limit)
     return data

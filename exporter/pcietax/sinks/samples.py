@@ -43,6 +43,7 @@ def frame_rows(fr: Frame, source_names: Sequence[str]) -> Iterator[Row]:
         yield c.COLLECT_DURATION_SECONDS, src, st.duration
         # Deprecated alias (0.1.0 name; it never measured a scrape): removed in 0.3.0.
         yield c.SCRAPE_DURATION_SECONDS, src, st.duration
+    yield c.COLLECT_RESTING, {}, 1.0 if fr.resting else 0.0
     yield (
         c.BUILD_INFO,
         {"version": __version__, "python": platform.python_version(), "sources": ",".join(source_names)},

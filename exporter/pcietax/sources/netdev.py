@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from .. import catalog
 from ..counters import FORGET_AFTER_CYCLES, CounterAbsorber
-from ..fsread import PROCFS_MAX, counter_value, read_optional_str, read_str, read_text
+from ..fsread import PROCFS_MAX, READ_CHUNK, counter_value, read_bytes, read_optional_str, read_str, read_text
 from .base import Snapshot, SourceAbsent, SourceUnavailable
 from .pciaddr import pci_of_class_entry
 
@@ -64,6 +64,8 @@ class NetdevSource:
         self._sysfs = Path(sysfs)
         self._nics = list(nics or [])
         self._totals = _NicTotals()
+        self._sensed_b: frozenset[bytes] = frozenset()  # the netdevs the last read counted
+        self._sense_fd: int | None = None
 
     def start(self) -> None:
         path = self._procfs / "net/dev"
@@ -80,7 +82,9 @@ class NetdevSource:
             return False
 
     def close(self) -> None:
-        pass
+        fd, self._sense_fd = self._sense_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _physical(self) -> dict[str, str]:
         """iface -> PCI function of every netdev in sysfs ("" for a virtual one)."""
@@ -124,7 +128,38 @@ class NetdevSource:
             if pci not in with_netdev and self._selected(name, pci):
                 self._emit(snap, name, pci, None, ports, pci in broken)
         self._totals.end_read()
+        self._sensed_b = frozenset(i.encode() for i in stats if self._totals.known(i))
         return snap
+
+    def sense(self) -> float | None:
+        """Bytes (rx + tx) the netdevs counted by the last read have moved, from ``/proc/net/dev``
+        alone: the engine's at-rest check (engine.py). The kernel writes the file from its own
+        counters, so it cannot block on hardware. None when no counted NIC has a netdev (an
+        InfiniBand HCA without IPoIB: its port counters are read in full cycles only).
+
+        It runs once a second on an idle node, where everything is cold: the file stays open
+        (pread at 0 regenerates a seq_file) and only the counted lines are split, as bytes. Cold,
+        that is 0.1 ms against 0.3 ms for a full parse of a freshly opened file."""
+        names = self._sensed_b
+        if not names:
+            return None
+        if self._sense_fd is None:
+            self._sense_fd = os.open(self._procfs / "net/dev", os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(self._sense_fd, READ_CHUNK, 0)
+        if len(data) == READ_CHUNK:  # a node with hundreds of netdevs: the whole file, as a read does
+            data = read_bytes(self._procfs / "net/dev", PROCFS_MAX)
+        total = found = 0
+        for line in data.split(b"\n"):
+            name, sep, rest = line.partition(b":")
+            if sep and name.strip() in names:
+                fields = rest.split()
+                total += int(fields[0]) + int(fields[8])
+                found += 1
+        if found != len(names):
+            # A counted netdev is gone or its line is cut: the next full read says which.
+            missing = len(names) - found
+            raise SourceUnavailable(f"{self._procfs / 'net/dev'}: {missing} counted netdevs unreadable")
+        return float(total)
 
     def _emit(self, snap: Snapshot, nic: str, pci: str, netdev: tuple[int, int] | None,
               ports: list[_Port], broken: bool) -> None:
