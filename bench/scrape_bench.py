@@ -28,7 +28,8 @@ one run, each exporter a real process:
                     interval), scaled to one hour
   RSS               VmRSS at the end and VmHWM (peak)
   start to ready    from exec to the first complete /metrics answer
-pcietax and node_exporter run on the fixture roots; with --ebpf (root, BCC) pcietax also runs on
+pcietax (twice: as it ships, and with --collect.rest-interval 0, the 1 Hz cycle without the
+at-rest cadence) and node_exporter run on the fixture roots; with --ebpf (root, BCC) pcietax also runs on
 this machine's own /sys and /proc with and without the eBPF source, at the same time.
 
     sudo .venv/bin/python bench/scrape_bench.py --footprint [--idle-seconds 300] [--ebpf] [--json]
@@ -210,6 +211,7 @@ def table(r: dict) -> str:
 # --- --footprint: the exporter's own cost at rest (kept apart from the scrape comparison above) ---
 
 SCRAPE_INTERVAL = 15.0
+NO_REST = "pcietax, no rest"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -268,10 +270,13 @@ def footprint(cpus: int, irq_lines: int, scrapes: int, idle_seconds: float, ebpf
         node = gpu_node(tmp / "node", ncpu=cpus, irq_lines=irq_lines, scale=1)
         argvs: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         ports = {}
-        for name in ("pcietax", "node_exporter") + (("pcietax host, eBPF off", "pcietax host, eBPF on")
-                                                     if ebpf else ()):
+        host = ("pcietax host, eBPF off", "pcietax host, eBPF on") if ebpf else ()
+        for name in ("pcietax", NO_REST, "node_exporter", *host):
             ports[name] = free_port()
         argvs["pcietax"] = (pcietax_argv(node.sys, node.proc, ports["pcietax"]), pcietax_env())
+        # The same without the at-rest cadence: what the rest mode saves, in the same run.
+        argvs[NO_REST] = (pcietax_argv(node.sys, node.proc, ports[NO_REST], ["--collect.rest-interval", "0"]),
+                          pcietax_env())
         argvs["node_exporter"] = (node_exporter_argv(node.sys, node.proc, ports["node_exporter"],
                                                      ["infiniband", "interrupts", "netdev"]), None)
         if ebpf:

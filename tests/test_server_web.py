@@ -651,3 +651,34 @@ def test_a_failing_render_answers_500(engine):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_accept_loop_sleeps_while_no_connection_is_open_and_wakes_for_shutdown(engine):
+    """socketserver's fixed poll woke an idle exporter every poll_interval for deadlines that only
+    open connections have; the loop now sleeps until a connection or shutdown() arrives."""
+    srv = make_server("127.0.0.1:0", registry_for(engine))
+    wakes = [0]
+    real = srv.service_actions
+
+    def counted() -> None:
+        wakes[0] += 1
+        real()
+
+    srv.service_actions = counted
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        time.sleep(1.0)
+        assert wakes[0] == 0  # 20 at the old fixed 0.05 s poll
+        assert get(srv.server_address[1])[0] == 200
+        assert wakes[0] >= 1
+    finally:
+        t0 = time.monotonic()
+        srv.shutdown()
+        assert time.monotonic() - t0 < 2.0
+        srv.server_close()
+        t.join(10)
+    assert not t.is_alive()
+    srv2 = make_server("127.0.0.1:0", registry_for(engine))
+    srv2.shutdown()  # never served: returns at once instead of waiting forever
+    srv2.server_close()

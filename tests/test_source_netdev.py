@@ -372,3 +372,32 @@ def test_sense_is_none_for_an_infiniband_hca_without_a_netdev(fake_node):
     src = _source(fake_node)
     src.read()
     assert src.sense() is None
+
+
+def test_sysfs_layout_is_kept_until_a_listing_changes_or_the_refresh(node):
+    """Which PCI function a netdev is, and where the RDMA ports are, is rebuilt when a netdev or RDMA
+    device comes or goes, or after layout_refresh; the counters are read every time."""
+    t = [0.0]
+    src = NetdevSource(procfs=str(node.proc), sysfs=str(node.sys), layout_refresh=60.0, clock=lambda: t[0])
+    src.start()
+    src.read()
+    # The same name re-pointed at another function (a rename race at boot): no listing changes.
+    other = node.add_pci("0000:3b:00.7", 0x020000)
+    real = other.path / "net/eno2"
+    real.mkdir(parents=True)
+    (real / "device").symlink_to(other.path)
+    link = node.sys / "class/net/eno2"
+    link.unlink()
+    link.symlink_to(real)
+    node.set_netdev_bytes("eno1", 1_500, 2_000)
+    t[0] = 59.0
+    snap = src.read()
+    pci = {dict(s.labels)["nic"]: dict(s.labels)["pci_bus_id"] for s in snap.counters}
+    assert pci["eno2"] == "0000:3b:00.1" and _rx(snap)["eno1"] == 1_500  # kept; counters fresh
+    t[0] = 61.0
+    pci = {dict(s.labels)["nic"]: dict(s.labels)["pci_bus_id"] for s in src.read().counters}
+    assert pci["eno2"] == "0000:3b:00.7"
+    # A new netdev changes the listing: seen at once, before the refresh.
+    node.add_netdev("eno3", node.add_pci("0000:3b:00.2", 0x020000), 10, 20)
+    t[0] = 62.0
+    assert "eno3" in _rx(src.read())

@@ -57,11 +57,11 @@ def test_source_emits_every_pair_and_each_gpus_best_nic(tmp_path):
     assert all(s.value == 1 for s in snap.gauges)
 
 
-def test_source_walks_sysfs_at_most_once_per_refresh(tmp_path):
+def test_source_walks_sysfs_when_functions_come_or_go_and_every_rewalk(tmp_path):
     lay = hgx_h100(tmp_path)
     (lay.sysfs / "bus/pci/devices/0000:f0:00.0").symlink_to("0000:f0:00.0")  # a fault to count
     clock = Clock()
-    src = TopologySource(sysfs=str(lay.sysfs), refresh=60, clock=clock)
+    src = TopologySource(sysfs=str(lay.sysfs), refresh=60, rewalk=600, clock=clock)
     src.start()
     first = src.read()
     assert src.walks == 1 and len(first.faults) == 1
@@ -69,17 +69,29 @@ def test_source_walks_sysfs_at_most_once_per_refresh(tmp_path):
     again = src.read()
     assert src.walks == 1 and again.faults == []  # counted once per walk, not per cycle
     assert again.gauges == first.gauges
-    # The tree changes (ACS turned on at a port); the next walk after the refresh sees it.
+    # The tree changes where a listing cannot see it (ACS turned on at a port with setpci): the
+    # checks every 60 s find the same functions, and the rewalk at 600 s sees it.
     from helpers.topotree import ACS_KERNEL, config_space
 
     cfg = lay.sysfs / "bus/pci/devices/0000:17:00.0/config"
     cfg.write_bytes(config_space(0x1000, 0xC030, 0x060400, port_type=6, acs_ctrl=ACS_KERNEL))
-    assert src.read().gauges == first.gauges
-    clock.t += 1
+    for _ in range(9):
+        clock.t += 60
+        assert src.read().gauges == first.gauges
+    assert src.walks == 1
+    clock.t += 60
     third = src.read()
     assert src.walks == 2
     gpu0 = [lab for lab in _gauges(third, PATH_INFO) if lab["gpu"] == "0000:18:00.0" and lab["path"] == "PIX"]
     assert gpu0 and all(lab["reason"] == "acs" for lab in gpu0)
+    # Hotplug: a function that goes away is walked at the next check, not ten minutes later.
+    (lay.sysfs / "bus/pci/devices/0000:f0:00.0").unlink()
+    clock.t += 30
+    src.read()
+    assert src.walks == 2
+    clock.t += 30
+    fourth = src.read()
+    assert src.walks == 3 and fourth.faults == []  # the broken function is gone with its fault
 
 
 def test_source_unavailable_without_a_pci_bus(tmp_path):
