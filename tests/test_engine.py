@@ -521,10 +521,12 @@ def test_a_shared_read_that_raises_fails_alone():
 
 
 class Sensing(Shared):
-    """A lane source with a sensor, as netdev's /proc/net/dev check: ``moved`` is what it says."""
+    """A lane source with a sensor, as netdev's /proc/net/dev check: ``moved`` is what the sensor
+    says and, unless other reads are given, what the full read reports as the NIC's bytes (the
+    same counter, as /proc/net/dev is for netdev)."""
 
-    def __init__(self, name: str, reads: list[Read]):
-        super().__init__(name, reads)
+    def __init__(self, name: str, reads: list[Read] | None = None):
+        super().__init__(name, reads or [lambda: nic(self.moved)()])
         self.moved = 0.0
         self.sense_calls = 0
         self.sense_error: Exception | None = None
@@ -537,7 +539,7 @@ class Sensing(Shared):
 
 
 def resting_engine(src, clock: Clock, rest: float = 15.0, window: float = 10.0) -> Engine:
-    eng = Engine([src], TaxModel(window, 1 << 20), clock=clock, rest_interval=rest)
+    eng = Engine([src], TaxModel(window, 1 << 20), clock=clock, rest_interval=rest, sense_period=2.0)
     eng.start_sources()
     eng.collect()
     return eng
@@ -559,7 +561,7 @@ def ticks(eng: Engine, clock: Clock, n: int, src: Sensing | None = None, per_tic
 
 def test_an_idle_node_reads_in_full_every_rest_interval_and_says_so():
     clock = Clock()
-    src = Sensing("netdev", [nic(100)])
+    src = Sensing("netdev")
     eng = resting_engine(src, clock)
     try:
         # The first window after start runs at 1 Hz (the sensor has no baseline yet), then rests.
@@ -568,31 +570,35 @@ def test_an_idle_node_reads_in_full_every_rest_interval_and_says_so():
         rest = ticks(eng, clock, 45, src)
         assert sum(rest) == 3 and rest[14] and rest[29] and rest[44]  # every 15 s exactly
         assert eng.frame().resting
-        assert src.sense_calls == 56  # one cheap check per tick
+        # One cheap check per 2 s at rest (and none while active): 2 at start, 22 resting.
+        assert src.sense_calls == 24
     finally:
         eng.close()
 
 
-def test_traffic_at_the_ratio_threshold_wakes_at_once_and_stays_a_window():
+def test_traffic_at_the_ratio_threshold_wakes_within_a_sense_period_and_stays_a_window():
     clock = Clock()
-    src = Sensing("netdev", [nic(100)])
+    src = Sensing("netdev")
     eng = resting_engine(src, clock)
     try:
         ticks(eng, clock, 20, src)
         assert eng.frame().resting
-        # 1 MiB per 10 s window is 104,858 B/s: above that every tick reads in full.
-        busy = ticks(eng, clock, 5, src, per_tick=110_000.0)
-        assert all(busy) and not eng.frame().resting
-        # After the last of it, a ratio window more at 1 Hz (the ratio decays to absent), then rest.
+        # 1 MiB/s, ten times the threshold (1 MiB per 10 s window).
+        busy = ticks(eng, clock, 6, src, per_tick=float(1 << 20))
+        k = busy.index(True)
+        assert k <= 1 and all(busy[k:]) and not eng.frame().resting
+        # The model's bytes keep 1 Hz a ratio window after the last of it (the ratio decays to
+        # absent), then one full cycle says resting=1, then rest.
         after = ticks(eng, clock, 14, src)
         assert all(after[:10]) and not any(after[10:])
+        assert eng.frame().resting
     finally:
         eng.close()
 
 
 def test_traffic_below_the_threshold_lets_the_node_rest():
     clock = Clock()
-    src = Sensing("netdev", [nic(100)])
+    src = Sensing("netdev")
     eng = resting_engine(src, clock)
     try:
         ticks(eng, clock, 11, src)
@@ -632,7 +638,7 @@ def test_no_sensor_or_a_failing_one_never_rests():
         assert all(ticks(eng, clock, 40)) and not eng.frame().resting
     finally:
         eng.close()
-    src = Sensing("netdev", [nic(1)])
+    src = Sensing("netdev")
     eng = resting_engine(src, clock)
     try:
         ticks(eng, clock, 20, src)
@@ -644,7 +650,7 @@ def test_no_sensor_or_a_failing_one_never_rests():
 
 def test_rest_interval_zero_reads_every_tick():
     clock = Clock()
-    src = Sensing("netdev", [nic(1)])
+    src = Sensing("netdev")
     eng = resting_engine(src, clock, rest=0.0)
     try:
         assert all(ticks(eng, clock, 40, src)) and src.sense_calls == 0

@@ -98,8 +98,8 @@ SOURCES: list[SourceSpec] = [
     SourceSpec("rdma", "RDMA port data counters (/sys/class/infiniband)", _rdma),
     SourceSpec("procfs", "hard IRQs, softirqs and /proc/stat IRQ time", _procfs),
     SourceSpec("pcie", "PCIe link state, ceilings and AER counters (sysfs)", _pcie),
-    SourceSpec("topology", "GPU-NIC PCIe path class and GPUDirect verdict (sysfs, re-read every 60s)",
-               _topology),
+    SourceSpec("topology", "GPU-NIC PCIe path class and GPUDirect verdict (sysfs, re-walked on hotplug "
+               "and every 10m)", _topology),
     SourceSpec("upi", "UPI socket-link and IIO root-port bytes (Intel uncore PMUs via perf)", _upi),
 ]
 
