@@ -64,6 +64,22 @@ def test_rates_between_two_scrapes():
     assert v.sources == {"ebpf": True, "nvml": False}
 
 
+def test_rates_are_between_two_collections_not_two_scrapes():
+    """At rest the exporter collects every 15 s and each scrape in between renders the same
+    collection: a repeat is not a new frame, and the rate is over the time between collections
+    (1 MB/s of useful bytes over 2 s, seen 1 s and 15 s after the first scrape)."""
+    from pcietax.top import Frames
+
+    f = Frames()
+    assert not f.add(parse(PREV, 100.0))
+    assert not f.add(parse(PREV, 101.0))  # the same collection again
+    assert f.add(parse(_cur(10**6 * 15 // 2), 115.0))  # the next one, 15 s of bytes
+    v = f.view()
+    assert v.useful == {"ingress": 1e6}  # 15e6 over 15 s: not 15e6 over the 1 s since the last scrape
+    assert not f.add(parse(_cur(10**6 * 15 // 2), 116.0))
+    assert f.view().useful == {"ingress": 1e6}  # the view holds until the next collection
+
+
 def _gpu_scrape(rx: int, tx: int) -> str:
     lab = '{gpu="0000:3b:00.0",pci_bus_id="0000:3b:00.0",uuid="GPU-1"}'
     return (f"# TYPE pcietax_gpu_pcie_receive_bytes_total counter\n"

@@ -1,8 +1,8 @@
 """``pcietax top``: a live terminal view of the local exporter (like ``nvidia-smi dmon`` meets
 ``htop``). Every second it scrapes the exporter's /metrics, turns counters into per-second rates
-between two scrapes, and draws the tax ratio per direction, a bar per hop, staging CPU, and the
-busiest GPUs, NICs and processes. ``q`` quits. ``--once`` prints one frame as plain text (two
-scrapes one interval apart) for scripts and logs.
+between the exporter's last two collections (see Frames), and draws the tax ratio per direction,
+a bar per hop, staging CPU, and the busiest GPUs, NICs and processes. ``q`` quits. ``--once``
+prints one frame as plain text (two collections) for scripts and logs.
 
 Parsing, rates and layout are pure functions of scraped text, so they are tested without a
 terminal; the curses loop only draws the lines.
@@ -27,6 +27,9 @@ from .model import DIRECTIONS, HOPS
 Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
 
 # The scope rule (catalog.SCOPE_RULE) in one line, said wherever the ratio is shown.
+# --once waits this long at most for the exporter's second collection (its rest interval is 15 s).
+ONCE_WAIT = 17.0
+
 SCOPE_NOTE = "scope: --target.* selects socket and CUDA copies; RDMA, NIC, GPU and UPI bytes are node-wide"
 
 
@@ -68,7 +71,7 @@ def fetch(url: str, timeout: float = 2.0) -> Scrape:
 
 @dataclass
 class View:
-    """What one frame shows, computed from two scrapes."""
+    """What one frame shows, computed from two collections' scrapes."""
 
     ratio: dict[str, float] = field(default_factory=dict)
     useful: dict[str, float] = field(default_factory=dict)  # direction -> bytes/s
@@ -93,6 +96,29 @@ def _rates(prev: Scrape, cur: Scrape, name: str) -> list[tuple[dict[str, str], f
         if before is not None and v >= before:  # a restarted exporter shows as a drop: skip once
             out.append((dict(lab), (v - before) / dt))
     return out
+
+
+class Frames:
+    """Rates between the exporter's last two *collections*, not its last two scrapes. At rest the
+    exporter collects every --collect.rest-interval (15 s) and a scrape each second renders the
+    same collection: rates between two such scrapes read 0, then the next collection's 15 s of
+    bytes over one second of scrape time. A scrape identical to the last one is the same
+    collection, so it is not a new frame; rates are over the time between two distinct ones."""
+
+    def __init__(self) -> None:
+        self.base: Scrape | None = None
+        self.last: Scrape | None = None
+
+    def add(self, cur: Scrape) -> bool:
+        """Take a scrape; True when it is a new collection (a new view can be computed)."""
+        if self.last is not None and cur.samples == self.last.samples:
+            return False
+        self.base, self.last = self.last, cur
+        return self.base is not None
+
+    def view(self, top_n: int = 5) -> View:
+        assert self.base is not None and self.last is not None
+        return compute(self.base, self.last, top_n)
 
 
 def compute(prev: Scrape, cur: Scrape, top_n: int = 5) -> View:
@@ -259,14 +285,24 @@ def run(args: argparse.Namespace) -> int:
     where = f"sources under {args.sysfs} and {args.procfs}" if args.direct else args.url
     try:
         if args.once:
+            frames = Frames()
+            # Two distinct collections: at rest the exporter's next one is up to its
+            # --collect.rest-interval away (15 s), so wait up to a little more than that.
+            deadline = time.monotonic() + max(ONCE_WAIT, 2 * args.interval)
             try:
-                prev = src.fetch()
-                time.sleep(args.interval)
-                cur = src.fetch()
+                frames.add(src.fetch())
+                while True:
+                    time.sleep(args.interval)
+                    if frames.add(src.fetch()) or time.monotonic() >= deadline:
+                        break
             except ScrapeError as e:
                 print(f"pcietax top: {e}", file=sys.stderr)
                 return 1
-            print("\n".join(render(compute(prev, cur, args.top), where)))
+            if frames.base is None:  # nothing changed at all: rates are zero over the wait
+                frames.base = frames.last
+                assert frames.last is not None
+                frames.last = Scrape(time.monotonic(), frames.last.samples)
+            print("\n".join(render(frames.view(args.top), where)))
             return 0
         import contextlib
         import curses
@@ -305,18 +341,16 @@ def _loop(scr, args: argparse.Namespace, src: LocalSources | Remote,
 
     curses.curs_set(0)
     scr.timeout(100)
-    prev: Scrape | None = None
-    view, error = View(), "waiting for the first two scrapes"
+    frames = Frames()
+    view, error = View(), "waiting for the first two collections"
     next_at = 0.0
     while True:
         now = time.monotonic()
         if now >= next_at:
             next_at = now + args.interval
             try:
-                cur = src.fetch()
-                if prev is not None:
-                    view, error = compute(prev, cur, args.top), ""
-                prev = cur
+                if frames.add(src.fetch()):
+                    view, error = frames.view(args.top), ""
             except ScrapeError as e:
                 error = str(e)
             h, w = _fit(scr)
