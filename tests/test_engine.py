@@ -656,3 +656,28 @@ def test_rest_interval_zero_reads_every_tick():
         assert all(ticks(eng, clock, 40, src)) and src.sense_calls == 0
     finally:
         eng.close()
+
+
+def test_a_hung_own_worker_source_costs_one_budget_not_the_lane_plus_one():
+    """A driver-backed source (its own worker) that hangs is given up at the cycle's one budget,
+    counted from when it was submitted, not from when the shared lane finished."""
+    release = threading.Event()
+
+    def hang() -> Snapshot:
+        release.wait(60)
+        return nic(1)()
+
+    def slow() -> Snapshot:
+        time.sleep(0.8)
+        return nic(2)()
+
+    eng = make(Scripted("nvml", [hang]), Shared("netdev", [slow]), read_budget=1.0)
+    try:
+        t0 = time.monotonic()
+        f = eng.collect()
+        took = time.monotonic() - t0
+        assert f.status["netdev"].up and not f.status["nvml"].up
+        assert took < 1.5, took  # the 1 s budget; counted from the lane's end it was 1.8 s
+    finally:
+        release.set()
+        eng.close()

@@ -320,11 +320,11 @@ class Engine:
             started = [slot for slot in self._slots if slot.started]
             lane = [slot for slot in started if slot.shared and slot.pending is None]
             own = [(slot, self._submit(slot)) for slot in started if slot not in lane]
-            deadline = time.monotonic() + self._budget
+            deadline = lane_deadline = time.monotonic() + self._budget
             while lane:
-                lane = self._read_lane(lane, deadline)
-                deadline = time.monotonic() + self._budget  # the rest of a stuck lane: a fresh budget
-            for slot, fut in own:
+                lane = self._read_lane(lane, lane_deadline)
+                lane_deadline = time.monotonic() + self._budget  # the rest of a stuck lane: a fresh budget
+            for slot, fut in own:  # submitted before the lane: their budget runs from then
                 if fut is not None:
                     self._finish(slot, fut, max(0.0, deadline - time.monotonic()))
             frame = self._build(now)
