@@ -401,3 +401,24 @@ def test_sysfs_layout_is_kept_until_a_listing_changes_or_the_refresh(node):
     node.add_netdev("eno3", node.add_pci("0000:3b:00.2", 0x020000), 10, 20)
     t[0] = 62.0
     assert "eno3" in _rx(src.read())
+
+
+def test_sense_rereads_this_machines_real_proc_net_dev_through_its_kept_descriptor():
+    """The kept descriptor re-reads the kernel's seq_file (pread at 0 regenerates it): bytes sent
+    over loopback after the first sense show in the next, with no reopen."""
+    import socket
+
+    src = NetdevSource(procfs="/proc", sysfs="/sys", nics=["lo"])
+    src.start()
+    src.read()
+    first = src.sense()
+    assert first is not None
+    fd = src._sense_fd
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(50):
+            s.sendto(b"x" * 1000, ("127.0.0.1", 9))
+    second = src.sense()
+    assert src._sense_fd == fd
+    assert second >= first + 2 * 50 * 1000  # rx and tx of lo, payload alone
+    src.close()
+    assert src._sense_fd is None
