@@ -226,7 +226,15 @@ def topology() -> dashboard.Dashboard:
         .with_panel(st(
             "Sources up", "none",
             q(f"max by (cluster, node, source) (pcietax_source_up{SEL})", "{{node}} {{source}}"),
-            w=12, steps=((None, "red"), (1, "green")), mapping={"1": ("up", "green"), "0": ("down", "red")}))
+            w=8, steps=((None, "red"), (1, "green")), mapping={"1": ("up", "green"), "0": ("down", "red")}))
+        .with_panel(st(
+            "Collection", "none",
+            q(f"max by (cluster, node) (pcietax_collect_resting{SEL})", "{{node}}"),
+            desc="At rest (payload below the ratio's threshold) the exporter reads its sources every "
+                 "--collect.rest-interval (15 s) instead of every second: host series step at that "
+                 "interval until traffic wakes it.",
+            w=4, steps=((None, "green"), (1, "blue")),
+            mapping={"0": ("1 Hz", "green"), "1": ("at rest", "blue")}))
         .with_panel(ts(
             "Probe hits", "ops", q(_rate("pcietax_probe_hits_total", "node, probe"), "{{node}} {{probe}}"),
             desc="Events traced by the exporter's eBPF probes.", w=8))
