@@ -30,13 +30,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from .counters import CounterAbsorber
-from .model import Inputs, SeriesKey, TaxModel, TaxState
+from .model import HOPS, Inputs, SeriesKey, TaxModel, TaxState
 from .sources.base import Snapshot, Source, SourceAbsent, SourceUnavailable
 
 log = logging.getLogger("pcietax")
 
 # Hops whose bytes say payload flows (UPI is left out: coherence traffic crosses it at rest).
-ACTIVITY_HOPS = frozenset({"nic_dma", "kernel_copy", "user_copy", "host_to_gpu", "nic_gpu_p2p"})
+ACTIVITY_HOPS = frozenset(HOPS) - {"upi"}
 
 # At rest, the sensors are asked this often (seconds; at least once a tick): traffic wakes a full
 # cycle within it. Each check is ~0.2 ms of cold CPU (a wakeup, a procfs read): once a second that

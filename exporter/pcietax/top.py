@@ -26,10 +26,10 @@ from .model import DIRECTIONS, HOPS
 
 Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, sorted labels)
 
-# The scope rule (catalog.SCOPE_RULE) in one line, said wherever the ratio is shown.
 # --once waits this long at most for the exporter's second collection (its rest interval is 15 s).
 ONCE_WAIT = 17.0
 
+# The scope rule (catalog.SCOPE_RULE) in one line, said wherever the ratio is shown.
 SCOPE_NOTE = "scope: --target.* selects socket and CUDA copies; RDMA, NIC, GPU and UPI bytes are node-wide"
 
 
@@ -298,11 +298,12 @@ def run(args: argparse.Namespace) -> int:
             except ScrapeError as e:
                 print(f"pcietax top: {e}", file=sys.stderr)
                 return 1
-            if frames.base is None:  # nothing changed at all: rates are zero over the wait
-                frames.base = frames.last
+            if frames.base is not None:
+                view = frames.view(args.top)
+            else:  # nothing changed at all: rates are zero over the wait
                 assert frames.last is not None
-                frames.last = Scrape(time.monotonic(), frames.last.samples)
-            print("\n".join(render(frames.view(args.top), where)))
+                view = compute(frames.last, Scrape(time.monotonic(), frames.last.samples), args.top)
+            print("\n".join(render(view, where)))
             return 0
         import contextlib
         import curses

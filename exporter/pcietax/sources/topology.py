@@ -65,17 +65,20 @@ class TopologySource:
     def read(self) -> Snapshot:
         now = self._clock()
         last = self._last
-        if last is not None and (now - self._checked_at < self._refresh
-                                 or (now - self._walked_at < self._rewalk
-                                     and self._list_functions() == self._functions)):
-            # Same gauges, no faults: those were counted when the walk found them.
-            if now - self._checked_at >= self._refresh:
-                self._checked_at = now
-            return Snapshot(gauges=list(last.gauges), provides=last.provides)
+        if last is not None and now - self._checked_at < self._refresh:
+            return self._repeat(last)
         functions = self._list_functions()
+        if last is not None and now - self._walked_at < self._rewalk and functions == self._functions:
+            self._checked_at = now
+            return self._repeat(last)
         snap = self._walk()
         self._last, self._walked_at, self._checked_at, self._functions = snap, now, now, functions
         return snap
+
+    @staticmethod
+    def _repeat(last: Snapshot) -> Snapshot:
+        # Same gauges, no faults: those were counted when the walk found them.
+        return Snapshot(gauges=list(last.gauges), provides=last.provides)
 
     def _list_functions(self) -> list[str] | None:
         try:
