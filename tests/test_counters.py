@@ -149,3 +149,55 @@ def test_a_drop_within_float_rounding_is_no_drop():
     a.update("k", 0.003 * (1 - 1e-6))
     assert a.update("k", 0.003 * (1 - 1e-6)) == 0.003 + 0.003 * (1 - 1e-6)
     assert a.resets == 1
+
+
+# -- carry: a cycle that feeds only the series that changed ------------------------------------
+
+
+def test_a_carried_series_is_fed_for_forgetting_and_forgotten_a_full_period_after_it_vanished():
+    a = CounterAbsorber(forget_after=100)
+    a.update("idle", 7)
+    a.update("busy", 1)
+    a.end_cycle()
+    for n in range(1_000):  # "idle" never changes: only "busy" is fed, the rest carried
+        a.carry()
+        a.update("busy", 2 + n)
+        a.end_cycle()
+    assert a.value("idle") == 7  # ten forget periods carried, never forgotten
+    for _ in range(99):  # now a full read without "idle": it vanished
+        a.update("busy", 5_000)
+        a.end_cycle()
+    assert a.value("idle") == 7  # absent 99 cycles: still within the forget period
+    for _ in range(30):
+        a.update("busy", 5_000)
+        a.end_cycle()
+    assert a.value("idle") is None
+
+
+def test_a_drop_held_in_a_carried_cycle_is_confirmed_by_the_next_read():
+    a = CounterAbsorber()
+    a.update("k", 1_000)
+    a.update("other", 1)
+    a.end_cycle()
+    a.carry()
+    assert a.update("k", 10) == 1_000  # held: a half-written file or a reset, the next read says
+    assert a.held == {"k"}
+    a.end_cycle()
+    a.carry()
+    assert a.update("k", 10) == 1_010  # still low: a reset, confirmed in a carried cycle too
+    assert (a.resets, a.held) == (1, set())
+
+
+def test_a_series_carried_through_a_streak_was_fed_last_cycle_when_it_drops():
+    # Carried cycles count as fed: a drop right after a streak is held for confirmation, as after
+    # any cycle that fed it, not absorbed at once as for a series that was missing.
+    a = CounterAbsorber()
+    a.update("k", 1_000)
+    a.end_cycle()
+    for _ in range(5):
+        a.carry()
+        a.end_cycle()
+    assert a.update("k", 3) == 1_000
+    a.end_cycle()
+    assert a.update("k", 1_200) == 1_200  # back up: a glitch, nothing absorbed
+    assert (a.resets, a.glitches) == (0, 1)

@@ -13,6 +13,12 @@ counted so the operator can see it (``pcietax_source_resets_total``). Pure arith
 
 Series not fed for ``forget_after`` cycles are forgotten (SR-IOV VFs and IRQ lines churn); one that
 returns later starts again from its raw value, which Prometheus reads as a counter reset.
+
+A caller that feeds thousands of series a cycle, most of them the same readings as the cycle before
+(the IRQ lines of a big node), says so with ``carry()`` and feeds only the ones that changed: a
+carried series counts as fed with its last raw value, which leaves its monotonic value as it was.
+Series holding a drop (``held``) are the exception: their next read decides, so the caller feeds
+them every cycle.
 """
 
 from __future__ import annotations
@@ -47,6 +53,13 @@ class CounterAbsorber:
         self.glitches = 0
         self.forget_after = forget_after
         self._cycle = 0
+        # Keys holding a drop for confirmation: fed every cycle, carried or not.
+        self.held: set[Hashable] = set()
+        # Carry streak: every cycle after ``_streak_from`` (up to the current one when
+        # ``_carry_now``) carried the whole feed of the cycle before, so a key last stamped at or
+        # after ``_streak_from`` has been fed in every cycle since.
+        self._streak_from: int | None = None
+        self._carry_now = False
 
     def update(self, key: Hashable, raw: float, bits: int | None = None,
                confirm: bool = True) -> float:
@@ -59,7 +72,7 @@ class CounterAbsorber:
         if st is None:
             self._state[key] = _State(raw, 0.0, self._cycle)
             return raw
-        if st.seen < self._cycle - 1:
+        if st.seen < self._cycle - 1 and (self._streak_from is None or st.seen < self._streak_from):
             confirm = False
         st.seen = self._cycle
         if raw >= st.last_raw - abs(st.last_raw) * ROUNDING:
@@ -71,20 +84,26 @@ class CounterAbsorber:
             if st.dropped:
                 self.glitches += 1  # back where it was: the lower read was not a reset
                 st.dropped = False
+                self.held.discard(key)
             st.last_raw = raw
             return raw + st.offset
         if bits is not None and _is_wrap(st.last_raw, raw, bits):
             st.offset += float(2**bits)
             self.wraps += 1
-            st.dropped = False
+            if st.dropped:
+                st.dropped = False
+                self.held.discard(key)
             st.last_raw = raw
             return raw + st.offset
         if confirm and not st.dropped:
             st.dropped = True  # hold the last value until the next read says which it was
+            self.held.add(key)
             return st.last_raw + st.offset
         # Still below on the second read (or nothing to confirm against): a real reset. The
         # counter restarted at zero, so everything it now shows is new.
-        st.dropped = False
+        if st.dropped:
+            st.dropped = False
+            self.held.discard(key)
         st.offset += st.last_raw
         st.last_raw = raw
         self.resets += 1
@@ -96,17 +115,37 @@ class CounterAbsorber:
 
     def forget(self, key: Hashable) -> None:
         self._state.pop(key, None)
+        self.held.discard(key)
+
+    def carry(self) -> None:
+        """Say, before this cycle's updates, that every series fed in the previous cycle is fed
+        again in this one with the same raw value, except those updated explicitly (which must
+        include every key in ``held``)."""
+        if self._streak_from is None:
+            self._streak_from = self._cycle - 1
+        self._carry_now = True
 
     def end_cycle(self) -> int:
         """Close one collection cycle: forget series not updated for ``forget_after`` cycles.
         Returns how many were forgotten."""
+        cycle = self._cycle
+        streak = self._streak_from
+        if streak is not None and not self._carry_now:
+            # The streak ended last cycle: a key carried through it was last fed then.
+            for st in self._state.values():
+                if streak <= st.seen < cycle - 1:
+                    st.seen = cycle - 1
+            self._streak_from = streak = None
+        carrying, self._carry_now = self._carry_now, False
         self._cycle += 1
         if self._cycle % max(1, self.forget_after // 4):
             return 0  # sweep a few times per forget period, not every cycle
         cutoff = self._cycle - self.forget_after
-        old = [k for k, st in self._state.items() if st.seen < cutoff]
+        fed_now = streak if carrying and streak is not None else cycle + 1
+        old = [k for k, st in self._state.items() if st.seen < cutoff and st.seen < fed_now]
         for k in old:
             del self._state[k]
+            self.held.discard(k)
         return len(old)
 
     def __len__(self) -> int:
@@ -127,6 +166,7 @@ class CounterAbsorber:
         gone = [k for k in self._state if pred(k)]
         for k in gone:
             del self._state[k]
+            self.held.discard(k)
         return len(gone)
 
 
