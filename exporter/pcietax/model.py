@@ -48,6 +48,9 @@ class Inputs:
     # GPUs (PCI address) to treat as P2P-capable on top of those the gauges show (tests, replays).
     p2p_gpus: frozenset[str] = frozenset()
     gauges: Mapping[SeriesKey, float] = field(default_factory=dict)  # topology verdicts among them
+    # The counters of the families in ROUTED, when the caller keeps them apart (the engine does):
+    # the model then skips the scan of every counter (IRQ lines are most series on a big node).
+    routed: Mapping[SeriesKey, float] | None = None
 
 
 def p2p_capable_gpus(gauges: Mapping[SeriesKey, float]) -> frozenset[str]:
@@ -158,9 +161,10 @@ class TaxModel:
     def _deltas(self, inp: Inputs) -> _Deltas:
         d = _Deltas()
         seen = self._seen
-        for key, value in inp.counters.items():
-            if key[0] not in _ROUTED:
-                continue  # IRQ, softirq, PCIe health...: not bytes of a hop (most series on a big node)
+        routed = inp.routed
+        if routed is None:
+            routed = {k: v for k, v in inp.counters.items() if k[0] in ROUTED}
+        for key, value in routed.items():
             prev = self._last.get(key)
             self._last[key] = value
             seen[key] = inp.t
@@ -204,7 +208,9 @@ class TaxModel:
         )
 
 
-_ROUTED = frozenset({*NIC, *IPOIB, *RDMA, *GPU, SOCKET, CUDA, MEMCPY, UPI})
+# The families whose bytes the model routes to hops; IRQ, softirq, PCIe health... are not bytes of
+# a hop.
+ROUTED = frozenset({*NIC, *IPOIB, *RDMA, *GPU, SOCKET, CUDA, MEMCPY, UPI})
 
 
 def _route(d: _Deltas, fam: str, labels: dict[str, str], delta: float) -> None:
