@@ -229,6 +229,66 @@ def test_unchanged_lines_reuse_their_sample_changed_lines_are_parsed(node):
     assert {f.what for f in snap.faults} == {"not a number"}
 
 
+def test_a_ticking_count_is_patched_and_matches_a_fresh_parse(monkeypatch):
+    """Counts that change in place (same line length: the usual second on a big node) are patched
+    from the old total; counts that change width, columns that merge, a count that overflows 64
+    bits or a sign where a digit was go through the full parse. Each read is checked against a
+    parse of the same bytes with nothing to reuse."""
+    import dataclasses
+
+    from pcietax.sources import interrupts
+    from pcietax.sources.base import Snapshot
+
+    header = b" " * 11 + b"".join(b"CPU%-8d" % c for c in range(4)) + b"\n"
+
+    def line(irq: bytes, counts: list[bytes], text: bytes = b"  PCI-MSIX-0000:5e:00.0 0-edge q0") -> bytes:
+        return b"%4s:" % irq + b"".join(b" %10s" % c for c in counts) + text + b"\n"
+
+    # (counts, what the patch said for the two changed lines: True patched, False handed over)
+    steps = [
+        ([b"1", b"2", b"3", b"4"], []),
+        ([b"9", b"2", b"3", b"4"], [True, True]),  # one column ticked
+        ([b"9", b"2", b"3", b"12345"], [True, True]),  # the last column, up to the blank before the text
+        ([b"10", b"2", b"3", b"12345"], [True, True]),  # a wider number in the same column width
+        ([b"10", b"5", b"7", b"12345"], [True, True]),  # two columns at once
+        ([b"10", b"2", b"3", b"12345"], [True, True]),
+        ([b"10", b"2", b"3", b"18446744073709551615"], []),  # a wider line: parsed in full
+        ([b"10", b"2", b"3", b"18446744073709551616"], [False, False]),  # 2**64: a fault, the IRQ holds
+        ([b"10", b"-2", b"3", b"12"], []),  # a sign: a fault
+        ([b"10", b"2", b"3", b"12"], []),  # after a fault: parsed in full
+    ]
+    said: list[bool] = []
+    real_patch = interrupts._patch
+
+    def spy(new, old, span):
+        got = real_patch(new, old, span)
+        said.append(got is not None)
+        return got
+
+    last = None
+    monkeypatch.setattr(interrupts, "_patch", spy)
+    for counts, want_said in steps:
+        data = header + line(b"120", counts) + line(b"ERR", [b"0"], b"") + line(b"LOC", counts, b"  Local")
+        # The oracle: the same bytes as text, nothing to reuse, the same held values.
+        blank = None if last is None else dataclasses.replace(last, lines=[], rows=[], spans=[], simple=False)
+        fresh = interrupts.parse_interrupts(data.decode(), Snapshot(), "x", blank)
+        said.clear()
+        got = interrupts.parse_interrupts(data, Snapshot(), "x", last)
+        assert said == want_said, counts
+        assert list(got.by_irq.items()) == list(fresh.by_irq.items()), counts
+        assert got.faults == fresh.faults, counts
+        last = got
+    assert last is not None and last.by_irq["120"].value == 10 + 2 + 3 + 12
+    # Two columns merged into one by a digit where the blank between them was (same length): the
+    # text's first word is now a count, which the full parse calls a fault; the IRQ holds.
+    parse = interrupts.parse_interrupts
+    tight = parse(header + b" 120: 1 2 3 4  PCI-MSIX 0-edge q\n", Snapshot(), "x")
+    said.clear()
+    merged = parse(header + b" 120: 1 223 4  PCI-MSIX 0-edge q\n", Snapshot(), "x", tight)
+    assert said == [False]
+    assert [f.what for f in merged.faults] == ["not a number"] and merged.by_irq["120"].value == 10
+
+
 def test_a_faulty_line_faults_on_every_read(node):
     src = _source(node)
     # (a blank line is not a fault: it carries nothing, see test_upstream_layouts.py)

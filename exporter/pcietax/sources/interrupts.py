@@ -4,8 +4,11 @@ A big node's file is mostly idle MSI-X vectors (256 CPUs x 5,000 lines: 14 MiB, 
 line), and most lines read the same from one second to the next. The next parse compares each
 line's bytes with the previous parse's line at the same position (a memcmp, no hashing, no
 decoding) and decodes and parses only the lines that changed; a file where nothing changed gives
-back the previous parse itself. The result is exactly a fresh parse's: the same samples in the same
-order, the same faults (with their line numbers), the same held values.
+back the previous parse itself. A changed line of the same length whose changed bytes all lie in
+whole count columns (a few CPUs' counts ticked: the usual change) is not split again: its total is
+the old total minus the old columns plus the new ones (at 256 CPUs about 6 us instead of 32 us).
+The result is exactly a fresh parse's: the same samples in the same order, the same faults (with
+their line numbers), the same held values.
 
 Bytes that ``str.splitlines`` takes as line breaks and ``bytes.find(b"\\n")`` does not (``\\r``,
 ``\\v``, ``\\f``, ``\\x1c``-``\\x1e``) never come from a kernel; a line that has one sends the whole
@@ -41,6 +44,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # One line's parse: (irq, sample, None) for a good line, (irq, None, fault) for a bad one; None for
 # a blank line (it carries nothing).
 Row = tuple[str, Sample | None, Fault | None]
+# Where a good line's counts are, for patching it: (offset just after the colon, offset of the text
+# after the counts or the line's length, the exact integer total).
+Span = tuple[int, int, int]
 
 
 @dataclass
@@ -57,6 +63,7 @@ class IrqLines:
     lines: list = field(default_factory=list)
     rows: list[Row | None] = field(default_factory=list)
     raw: bool = False
+    spans: list[Span | None] = field(default_factory=list)  # per line when raw, else empty
     # No bad line and no IRQ twice: the next parse may copy by_irq and patch the changed lines.
     simple: bool = False
     _names: dict[str, str] | None = None
@@ -121,7 +128,10 @@ def parse_buffer(buf: bytes | bytearray, n: int, where: str, last: IrqLines | No
             old = last if last is not None and last.raw and last.header == header else None
             scanned = _scan(buf, view, n, stop + 1, ncpu, where, old, _labels(last))
             if scanned is not None:
-                return _finish(header, *scanned, last, _labels(last), raw=True)
+                lines, rows, spans, changed = scanned
+                out = _finish(header, lines, rows, changed, last, _labels(last), raw=True)
+                out.spans = spans
+                return out
         text = str(view[:n], "ascii", "replace")
     return _parse_text(text, where, last)
 
@@ -163,12 +173,14 @@ def _odd(raw: bytes) -> bool:
 
 def _scan(buf: bytes | bytearray, view: memoryview, n: int, pos: int, ncpu: int, where: str,
           last: IrqLines | None, labels: dict[tuple[str, str], Labels]
-          ) -> tuple[list[bytes], list[Row | None], list[int]] | None:
+          ) -> tuple[list[bytes], list[Row | None], list[Span | None], list[int]] | None:
     """Every line after the header: the previous parse's line and row where the bytes at the same
-    position are the same, a new parse where not. None when a changed line has an odd line break."""
+    position are the same, a patched or new parse where not. None when a changed line has an odd
+    line break."""
     old: list[bytes] = last.lines if last is not None else []
     lines = list(old)
     rows = list(last.rows) if last is not None else []
+    spans = list(last.spans) if last is not None and len(last.spans) == len(old) else [None] * len(old)
     changed: list[int] = []
     nold = len(old)
     startswith, find = buf.startswith, buf.find
@@ -183,19 +195,65 @@ def _scan(buf: bytes | bytearray, view: memoryview, n: int, pos: int, ncpu: int,
         end = find(b"\n", pos, n)
         stop = n if end < 0 else end
         line = view[pos:stop + 1].tobytes() if end >= 0 else view[pos:n].tobytes() + b"\n"
+        if i < nold:
+            span = spans[i]
+            patched = None
+            if span is not None and len(line) == len(old[i]):
+                patched = _patch(line, old[i], span)
+            if patched is not None:
+                total, span = patched
+                sample = rows[i][1]  # type: ignore[index]  # a good row: it has a span
+                rows[i] = (rows[i][0], Sample(HARDIRQ, sample.labels, float(total)), None)  # type: ignore[index, union-attr]
+                lines[i], spans[i] = line, span
+                changed.append(i)
+                i += 1
+                pos = stop + 1
+                continue
         if _odd(line):
             return None
-        row = _row(str(view[pos:stop], "ascii", "replace"), ncpu, where, i + 2, labels)
+        row, span = _parse_line(str(view[pos:stop], "ascii", "replace"), ncpu, where, i + 2, labels)
         if i < nold:
-            lines[i], rows[i] = line, row
+            lines[i], rows[i], spans[i] = line, row, span
         else:
             lines.append(line)
             rows.append(row)
+            spans.append(span)
         changed.append(i)
         i += 1
         pos = stop + 1
-    del lines[i:], rows[i:]
-    return lines, rows, changed
+    del lines[i:], rows[i:], spans[i:]
+    return lines, rows, spans, changed
+
+
+_DIGITS_SPACE = b"0123456789 "
+
+
+def _patch(new: bytes, old: bytes, span: Span) -> tuple[int, Span] | None:
+    """The total of ``new``, a changed line of the same length as ``old`` (a good line), when every
+    changed byte lies in count columns that stay whole digit runs between the same spaces; else None
+    (the caller parses the line in full, which gives the same answer or the fault)."""
+    counts_at, text_at, total = span
+    x = int.from_bytes(new, "big") ^ int.from_bytes(old, "big")
+    size = len(new)
+    first = size - 1 - (x.bit_length() - 1) // 8  # the first and last byte that differ
+    last = size - 1 - ((x & -x).bit_length() - 1) // 8
+    has_text = text_at < size - 1  # (size - 1: the newline)
+    if first < counts_at or last >= text_at - has_text:
+        return None  # the IRQ, the text or the blank before the text changed
+    start = new.rfind(b" ", counts_at, first) + 1 or counts_at
+    end = new.find(b" ", last + 1, text_at)
+    if end < 0:
+        if has_text:
+            return None  # the blank before the text is not a space
+        end = text_at  # a line with no text: its counts end it
+    was, now = old[start:end], new[start:end]
+    if now.translate(None, _DIGITS_SPACE) or was.translate(None, _DIGITS_SPACE):
+        return None  # a tab, a sign, a stray byte: the full parse decides
+    was_cols, now_cols = was.split(), now.split()
+    if len(was_cols) != len(now_cols) or any(len(c) >= 20 for c in now_cols):
+        return None  # columns merged or split, or a count too long for the quick sum
+    total += sum(map(int, now_cols)) - sum(map(int, was_cols))
+    return total, (counts_at, text_at, total)
 
 
 def _finish(header: str, lines: list, rows: list[Row | None], changed: list[int],
@@ -241,12 +299,18 @@ def _same_key(a: Row | None, b: Row | None) -> bool:
 
 
 def _row(line: str, ncpu: int, where: str, n: int, labels: dict[tuple[str, str], Labels]) -> Row | None:
+    return _parse_line(line, ncpu, where, n, labels)[0]
+
+
+def _parse_line(line: str, ncpu: int, where: str, n: int, labels: dict[tuple[str, str], Labels]
+                ) -> tuple[Row | None, Span | None]:
+    """A line's row and, for a good line, where its counts are (for ``_patch``)."""
     if not line or line.isspace():
-        return None  # carries nothing (copied trees have them): skipped, as node_exporter does
+        return None, None  # carries nothing (copied trees have them): skipped, as node_exporter does
     head, sep, rest = line.partition(":")
     irq = head.strip()
     if not sep or not irq or " " in irq:
-        return (irq, None, Fault("truncated line", f"{where}:{n}"))
+        return (irq, None, Fault("truncated line", f"{where}:{n}")), None
     # ERR and MIS (and arm64's Err) carry one node-wide number; every other line one count per
     # CPU, then text (for numbered lines at least the irq chip).
     ncounts = 1 if irq in _SINGLE else ncpu
@@ -254,16 +318,18 @@ def _row(line: str, ncpu: int, where: str, n: int, labels: dict[tuple[str, str],
     text = parts.pop() if len(parts) > ncounts else ""
     if len(parts) < ncounts or (not text and irq.isdigit()):
         # Cut short: a partial sum would read as a reset now and a jump on the next full read.
-        return (irq, None, Fault("truncated line", f"{where}:{n}"))
+        return (irq, None, Fault("truncated line", f"{where}:{n}")), None
     # Most per-CPU columns are 0 on a big node (IRQ affinity): skip converting those.
     try:
         total = sum_counters([p for p in parts if p != "0"])  # (a comprehension: faster than filter)
     except ValueError:
-        return (irq, None, Fault("not a number", f"{where}:{n}"))
+        return (irq, None, Fault("not a number", f"{where}:{n}")), None
     lbl = labels.get((irq, text))
     if lbl is None:
         lbl = labels[(irq, text)] = labels_of(irq=irq, name=irq_name(irq, text))
-    return (irq, Sample(HARDIRQ, lbl, float(total)), None)
+    # The text keeps its trailing blanks (split leaves the rest as it was), so it ends the line.
+    span = (len(head) + 1, len(line) - len(text), total)
+    return (irq, Sample(HARDIRQ, lbl, float(total)), None), span
 
 
 def irq_name(irq: str, text: str) -> str:
