@@ -186,3 +186,28 @@ def test_fixed_facts_are_cached_current_link_and_aer_reread(node):
     assert ("gpu", "0000:9b:00.0", "current") in speed
     t[0] = 61.0  # the refresh re-reads everything
     assert _gauges(src.read(), SPEED)[("gpu", GPU, "max")] == 2.5
+
+
+def test_unchanged_files_give_last_reads_samples_and_faults_repeat(node):
+    """A device whose link and AER files read the same bytes gives the same Sample objects (not
+    parsed again); one byte changed is parsed; a bad file is a fault on every read, never cached."""
+    src = _source(node)
+    first = src.read()
+    second = src.read()
+    assert [id(s) for s in second.counters] == [id(s) for s in first.counters]
+    assert [id(s) for s in second.gauges] == [id(s) for s in first.gauges]
+    dev = node.sys / "bus/pci/devices" / GPU
+    (dev / "aer_dev_correctable").write_text("RxErr 2\nRollover 3\nTimeout 5\nTOTAL_ERR_COR 10\n")
+    third = src.read()
+    assert _counters(third, REPLAY)[GPU] == 8 and _counters(third, CORRECTABLE)[GPU] == 10
+    nic = {id(s) for s in first.gauges if dict(s.labels)["pci_bus_id"] == NIC}
+    assert nic and nic <= {id(s) for s in third.gauges}  # the NIC's files did not change
+    (dev / "current_link_width").write_text("x8\n")  # garbage: a fault, on every read
+    for _ in range(3):
+        snap = src.read()
+        assert [f.what for f in snap.faults] == ["garbage link state"]
+        assert ("gpu", GPU, "current") not in _gauges(snap, SPEED)
+        assert _counters(snap, CORRECTABLE)[GPU] == 10  # the AER counters still flow
+    (dev / "current_link_width").write_text("16\n")
+    snap = src.read()
+    assert snap.faults == [] and _gauges(snap, WIDTH)[("gpu", GPU, "current")] == 16
