@@ -422,3 +422,16 @@ def test_sense_rereads_this_machines_real_proc_net_dev_through_its_kept_descript
     assert second >= first + 2 * 50 * 1000  # rx and tx of lo, payload alone
     src.close()
     assert src._sense_fd is None
+
+
+def test_a_counter_that_did_not_move_gives_the_same_sample(node):
+    """What the engine's fast path relies on: an unmoved NIC counter is last read's very Sample
+    object; a moved one is a new Sample with the same labels."""
+    src = _source(node)
+    first = {(s.family, s.labels): s for s in src.read().counters}
+    node.set_netdev_bytes("eno1", 5_000, 7_000)
+    second = {(s.family, s.labels): s for s in src.read().counters}
+    assert first.keys() == second.keys()
+    moved = [k for k in first if first[k] is not second[k]]
+    assert sorted((fam, dict(lbl)["nic"]) for fam, lbl in moved) == sorted([(RX, "eno1"), (TX, "eno1")])
+    assert all(first[k] == second[k] for k in first if k not in moved)

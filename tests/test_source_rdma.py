@@ -131,3 +131,26 @@ def test_device_vanishes_and_returns(node):
     assert {k[1] for k in _values(src.read())} == {"mlx5_1"}
     node.add_rdma("mlx5_0", node.add_pci("0000:5e:00.0", 0x020000), {1: ("Ethernet", 11, 21)})
     assert _values(src.read())[(RX, "mlx5_0", "1")] == 44
+
+
+def test_ports_are_listed_on_device_change_or_refresh_and_unchanged_counters_reuse_samples(node):
+    """Port directories are listed again when the device listing changes or the layout is older
+    than the refresh; a counter that did not move gives the same Sample object (free for the
+    engine to absorb), one that moved a new one."""
+    t = [0.0]
+    src = RdmaSource(sysfs=str(node.sys), layout_refresh=60.0, clock=lambda: t[0])
+    src.start()
+    first = src.read()
+    node.set_rdma_port("mlx5_0", 2, "Ethernet", 7, 8)  # a port appears on a listed device
+    node.set_rdma_port("mlx5_1", 1, "InfiniBand", 100, 2)  # traffic on one port
+    t[0] = 30.0
+    second = src.read()
+    assert (RX, "mlx5_0", "2") not in _values(second)  # not listed again yet
+    assert _values(second)[(RX, "mlx5_1", "1")] == 400
+    moved = {id(s) for s in second.counters} ^ {id(s) for s in first.counters}
+    assert len(moved) == 2  # only mlx5_1 port 1's RX: its old sample out, a new one in
+    t[0] = 61.0
+    assert _values(src.read())[(RX, "mlx5_0", "2")] == 28  # the refresh lists the ports again
+    node.remove_rdma("mlx5_0")
+    t[0] = 62.0
+    assert {k[1] for k in _values(src.read())} == {"mlx5_1"}  # a device gone: listed at once

@@ -20,7 +20,7 @@ from typing import NamedTuple
 from .. import catalog
 from ..counters import FORGET_AFTER_CYCLES, CounterAbsorber
 from ..fsread import PROCFS_MAX, READ_CHUNK, counter_value, read_bytes, read_optional_str, read_str, read_text
-from .base import Snapshot, SourceAbsent, SourceUnavailable
+from .base import Sample, Snapshot, SourceAbsent, SourceUnavailable, labels_of
 from .pciaddr import pci_of_class_entry
 
 RX = catalog.NIC_RECEIVE_BYTES
@@ -75,6 +75,10 @@ class NetdevSource:
         self._layout: _Layout | None = None
         self._sensed_b: frozenset[bytes] = frozenset()  # the netdevs the last read counted
         self._sense_fd: int | None = None
+        # (family, nic, pci) -> last read's sample: a value that did not move gives the same object
+        # (no labels to build, and the engine absorbs it for free); only this read's are kept.
+        self._last: dict[tuple[str, str, str], Sample] = {}
+        self._now: dict[tuple[str, str, str], Sample] = {}
 
     def start(self) -> None:
         path = self._procfs / "net/dev"
@@ -124,6 +128,7 @@ class NetdevSource:
 
     def read(self) -> Snapshot:
         snap = Snapshot(provides=frozenset({RX, TX, IPOIB_RX, IPOIB_TX}))
+        self._now = {}  # (a read that failed half way leaves nothing behind)
         where = str(self._procfs / "net/dev")
         try:
             stats = parse_net_dev(read_text(where, PROCFS_MAX), snap, where)
@@ -150,6 +155,7 @@ class NetdevSource:
             if pci not in with_netdev and self._selected(name, pci):
                 self._emit(snap, name, pci, None, ports, pci in broken)
         self._totals.end_read()
+        self._last, self._now = self._now, {}
         self._sensed_b = frozenset(i.encode() for i in stats if self._totals.known(i))
         return snap
 
@@ -192,14 +198,24 @@ class NetdevSource:
         before = self._totals.absorbed()
         rx, tx = self._totals.update(nic, netdev, ports)
         snap.resets += self._totals.absorbed() - before
-        snap.counter(RX, rx, nic=nic, pci_bus_id=pci)
-        snap.counter(TX, tx, nic=nic, pci_bus_id=pci)
+        self._counter(snap, RX, rx, nic, pci)
+        self._counter(snap, TX, tx, nic, pci)
         ipoib = self._totals.ipoib(nic)
         if ipoib is not None:
             # The IPoIB netdev's bytes, already inside the port bytes above: the model takes them
             # off the RDMA port bytes so TCP over IPoIB is not useful payload twice.
-            snap.counter(IPOIB_RX, ipoib[0], nic=nic, pci_bus_id=pci)
-            snap.counter(IPOIB_TX, ipoib[1], nic=nic, pci_bus_id=pci)
+            self._counter(snap, IPOIB_RX, ipoib[0], nic, pci)
+            self._counter(snap, IPOIB_TX, ipoib[1], nic, pci)
+
+    def _counter(self, snap: Snapshot, family: str, value: float, nic: str, pci: str) -> None:
+        key = (family, nic, pci)
+        sample = self._last.get(key)
+        if sample is None:
+            sample = Sample(family, labels_of(nic=nic, pci_bus_id=pci), float(value))
+        elif sample.value != value:
+            sample = Sample(family, sample.labels, float(value))
+        self._now[key] = sample
+        snap.counters.append(sample)
 
 
 class _Port(NamedTuple):
