@@ -158,8 +158,7 @@ def _fresh(data: bytes, last):
     """The oracle: every line parsed again (nothing reused), the same held values."""
     import dataclasses
 
-    blank = None if last is None else dataclasses.replace(
-        last, lines=[], rows=[], spans=[], data=None, starts=[], simple=False)
+    blank = None if last is None else dataclasses.replace(last, lines=[], rows=[], spans=[], simple=False)
     return parse_interrupts(data.decode("ascii", "replace"), Snapshot(), "x", blank)
 
 

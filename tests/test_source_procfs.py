@@ -270,8 +270,7 @@ def test_a_ticking_count_is_patched_and_matches_a_fresh_parse(monkeypatch):
     for counts, want_said in steps:
         data = header + line(b"120", counts) + line(b"ERR", [b"0"], b"") + line(b"LOC", counts, b"  Local")
         # The oracle: the same bytes as text, nothing to reuse, the same held values.
-        blank = None if last is None else dataclasses.replace(
-            last, lines=[], rows=[], spans=[], data=None, starts=[], simple=False)
+        blank = None if last is None else dataclasses.replace(last, lines=[], rows=[], spans=[], simple=False)
         fresh = interrupts.parse_interrupts(data.decode(), Snapshot(), "x", blank)
         said.clear()
         got = interrupts.parse_interrupts(data, Snapshot(), "x", last)
@@ -476,9 +475,7 @@ def test_a_huge_interrupts_file_is_refused_and_not_kept(node):
         f.truncate(PROCFS_MAX + 1)
     with pytest.raises(SourceUnavailable, match="larger than"):
         _source(node).read()
-    shared = procfs._CACHE[str(node.proc / "interrupts")]
-    # The buffer the refused read went into is emptied; the other holds the last good read.
-    assert sorted(len(b) for b in shared.bufs)[0] == 0 and shared.lines.data is not None
+    assert len(procfs._CACHE[str(node.proc / "interrupts")].buf) == 0
 
 
 def test_a_bad_line_after_a_good_one_of_the_same_irq_does_not_hold_over_it(node):
@@ -493,22 +490,3 @@ def test_a_bad_line_after_a_good_one_of_the_same_irq_does_not_hold_over_it(node)
         first = parse_interrupts(head + b"  5:  3  4  IO-APIC 5-edge x\n  5:  3y  IO-APIC 5-edge x\n",
                                  Snapshot(), "x", first)
         assert first.by_irq["5"].value == 7 and [f.what for f in first.faults] == ["not a number"]
-
-
-def test_a_parse_of_the_buffer_its_last_parse_holds_reuses_nothing():
-    """The previous read's bytes are what unchanged lines are compared with. A caller that reads
-    the next file into the very buffer the last parse holds has overwritten them: the parse must
-    then read every line afresh, not compare the buffer with itself and call every line unchanged."""
-    from pcietax.sources.base import Snapshot
-    from pcietax.sources.interrupts import parse_buffer, parse_interrupts
-
-    header = b"           CPU0       CPU1\n"
-    a = header + b"  0:          5          6   IO-APIC 2-edge timer\n"
-    b = header + b"  0:          7          6   IO-APIC 2-edge timer\n"
-    buf = bytearray(a)
-    first = parse_buffer(buf, len(a), "x")
-    buf[:] = b
-    again = parse_buffer(buf, len(b), "x", first)
-    assert again.by_irq["0"].value == 13
-    fresh = parse_interrupts(b.decode(), Snapshot(), "x")
-    assert list(again.by_irq.items()) == list(fresh.by_irq.items())

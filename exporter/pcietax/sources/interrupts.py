@@ -1,14 +1,12 @@
 """One parse of /proc/interrupts, and the next parse's reuse of it line by line.
 
 A big node's file is mostly idle MSI-X vectors (256 CPUs x 5,000 lines: 14 MiB, about 2.8 KiB a
-line), and most lines read the same from one second to the next. The next parse compares the
-file's bytes with the previous read's (kept: the reader alternates two buffers), in runs of lines
-that double while they match and fall back to one line at a time where they do not (a memcmp, no
-hashing, no decoding), and decodes and parses only the lines that changed; a file where nothing
-changed is one compare, and gives back the previous parse itself. A changed line of the same
-length whose changed bytes all lie in whole count columns (a few CPUs' counts ticked: the usual
-change) is not split again: its total is the old total minus the old columns plus the new ones
-(at 256 CPUs about 6 us instead of 32 us).
+line), and most lines read the same from one second to the next. The next parse compares each
+line's bytes with the previous parse's line at the same position (a memcmp, no hashing, no
+decoding) and decodes and parses only the lines that changed; a file where nothing changed gives
+back the previous parse itself. A changed line of the same length whose changed bytes all lie in
+whole count columns (a few CPUs' counts ticked: the usual change) is not split again: its total is
+the old total minus the old columns plus the new ones (at 256 CPUs about 6 us instead of 32 us).
 The result is exactly a fresh parse's: the same samples in the same order, the same faults (with
 their line numbers), the same held values.
 
@@ -55,23 +53,17 @@ Span = tuple[int, int, int]
 class IrqLines:
     """One parse of /proc/interrupts: each IRQ's sample (``by_irq``, held from the previous parse
     when its line is bad), the faults of this parse, the IRQ names; and what the next parse reuses:
-    every line after the header with its parse (``rows``), and the label set of each (irq, text
-    after the counts). When ``raw``, the lines are the file's bytes (``data``, ``size`` long, the
-    buffer the parse read: it must not be written while this parse is the next one's ``last``),
-    line i starting at ``starts[i]``, with where its counts are (``spans``); else they are text
-    (``lines``)."""
+    every line after the header (``lines``: raw bytes with their newline, or text when ``raw`` is
+    False) with its parse (``rows``), and the label set of each (irq, text after the counts)."""
 
     header: str = ""
     labels: dict[tuple[str, str], Labels] = field(default_factory=dict)
     by_irq: dict[str, Sample] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    lines: list = field(default_factory=list)
     rows: list[Row | None] = field(default_factory=list)
     raw: bool = False
-    data: bytes | bytearray | None = None
-    size: int = 0
-    starts: list[int] = field(default_factory=list)
-    spans: list[Span | None] = field(default_factory=list)
+    spans: list[Span | None] = field(default_factory=list)  # per line when raw, else empty
     # No bad line and no IRQ twice: the next parse may copy by_irq and patch the changed lines.
     simple: bool = False
     _names: dict[str, str] | None = None
@@ -126,23 +118,19 @@ def parse_interrupts(text: str | bytes, snap: Snapshot, where: str, last: IrqLin
 
 
 def parse_buffer(buf: bytes | bytearray, n: int, where: str, last: IrqLines | None = None) -> IrqLines:
-    """``parse_interrupts`` of ``buf[:n]``, without the snapshot. The result holds ``buf``: read
-    the next file into another buffer (``read_interrupts`` alternates two). Given the very buffer
-    ``last`` holds, nothing is reused (its old bytes are gone)."""
+    """``parse_interrupts`` of ``buf[:n]`` (a buffer reused across reads), without the snapshot."""
     with memoryview(buf) as view:
         end = buf.find(b"\n", 0, n)
         stop = n if end < 0 else end
         head = view[:stop].tobytes()
         if not _odd(head):
             ncpu, header = _header(str(head, "ascii", "replace"), where)
-            old = (last if last is not None and last.raw and last.header == header and last.data is not buf
-                   else None)
+            old = last if last is not None and last.raw and last.header == header else None
             scanned = _scan(buf, view, n, stop + 1, ncpu, where, old, _labels(last))
             if scanned is not None:
-                starts, rows, spans, changed = scanned
-                out = _finish(header, [], rows, changed, last, _labels(last), raw=True)
-                if out is not last:
-                    out.data, out.size, out.starts, out.spans = buf, n, starts, spans
+                lines, rows, spans, changed = scanned
+                out = _finish(header, lines, rows, changed, last, _labels(last), raw=True)
+                out.spans = spans
                 return out
         text = str(view[:n], "ascii", "replace")
     return _parse_text(text, where, last)
@@ -183,79 +171,64 @@ def _odd(raw: bytes) -> bool:
             or b"\x1e" in raw)
 
 
-# Lines compared at once after a run of matches, at most (a run doubles while it matches).
-_RUN_MAX = 1 << 14
-
-
 def _scan(buf: bytes | bytearray, view: memoryview, n: int, pos: int, ncpu: int, where: str,
           last: IrqLines | None, labels: dict[tuple[str, str], Labels]
-          ) -> tuple[list[int], list[Row | None], list[Span | None], list[int]] | None:
-    """Every line after the header: the previous parse's row where the bytes are the previous
-    read's, a patched or new parse where not. Returns each line's start, row and span, and which
-    lines changed; None when a changed line has an odd line break."""
-    if last is not None and last.data is not None:
-        old, size, old_starts = last.data, last.size, last.starts
-        rows, spans = list(last.rows), list(last.spans)
-    else:
-        old, size, old_starts, rows, spans = b"", 0, [], [], []
-    nold = len(old_starts)
-    # The previous file's last line without a newline matches only at the end of this file.
-    open_end = nold > 0 and old[size - 1] != 10
-    starts: list[int] = []
+          ) -> tuple[list[bytes], list[Row | None], list[Span | None], list[int]] | None:
+    """Every line after the header: the previous parse's line and row where the bytes at the same
+    position are the same, a patched or new parse where not. None when a changed line has an odd
+    line break."""
+    old: list[bytes] = last.lines if last is not None else []
+    lines = list(old)
+    rows = list(last.rows) if last is not None else []
+    spans = list(last.spans) if last is not None and len(last.spans) == len(old) else [None] * len(old)
     changed: list[int] = []
+    nold = len(old)
     startswith, find = buf.startswith, buf.find
-    i, run = 0, 1
-    with memoryview(old) as was:
-        while pos < n:
-            if i < nold:
-                j = min(i + run, nold)
-                s = old_starts[i]
-                e = old_starts[j] if j < nold else size
-                if startswith(was[s:e], pos) and (j < nold or not open_end or pos + e - s == n):
-                    # The same bytes, newlines included: run lines i..j-1 are the old ones.
-                    shift = pos - s
-                    starts.extend(old_starts[i:j] if not shift else [x + shift for x in old_starts[i:j]])
-                    pos += e - s
-                    i = j
-                    run = min(run * 2, _RUN_MAX)
-                    continue
-                if run > 1:
-                    run = 1  # somewhere in the run: one line at a time
-                    continue
-            end = find(b"\n", pos, n)
-            stop = n if end < 0 else end
-            starts.append(pos)
-            if i < nold and spans[i] is not None and end >= 0:
-                e = old_starts[i + 1] if i + 1 < nold else size
-                if e - old_starts[i] == stop + 1 - pos and old[e - 1] == 10:
-                    patched = _patch(buf[pos:stop + 1], was[old_starts[i]:e].tobytes(), spans[i])  # type: ignore[arg-type]
-                    if patched is not None:
-                        total, spans[i] = patched
-                        irq, sample, _ = rows[i]  # type: ignore[misc]  # a good row: it has a span
-                        rows[i] = (irq, Sample(HARDIRQ, sample.labels, float(total)), None)
-                        changed.append(i)
-                        i += 1
-                        pos = stop + 1
-                        continue
-            if _odd(buf[pos:stop]):
-                return None
-            row, span = _parse_line(str(view[pos:stop], "ascii", "replace"), ncpu, where, i + 2, labels)
-            if i < nold:
-                rows[i], spans[i] = row, span
-            else:
-                rows.append(row)
-                spans.append(span)
-            changed.append(i)
-            i += 1
-            pos = stop + 1
-    del rows[i:], spans[i:]
-    return starts, rows, spans, changed
+    i = 0
+    while pos < n:
+        if i < nold:
+            line = old[i]
+            if startswith(line, pos, n):  # the same bytes, newline included
+                pos += len(line)
+                i += 1
+                continue
+        end = find(b"\n", pos, n)
+        stop = n if end < 0 else end
+        line = view[pos:stop + 1].tobytes() if end >= 0 else view[pos:n].tobytes() + b"\n"
+        if i < nold:
+            span = spans[i]
+            patched = None
+            if span is not None and len(line) == len(old[i]):
+                patched = _patch(line, old[i], span)
+            if patched is not None:
+                total, span = patched
+                sample = rows[i][1]  # type: ignore[index]  # a good row: it has a span
+                rows[i] = (rows[i][0], Sample(HARDIRQ, sample.labels, float(total)), None)  # type: ignore[index, union-attr]
+                lines[i], spans[i] = line, span
+                changed.append(i)
+                i += 1
+                pos = stop + 1
+                continue
+        if _odd(line):
+            return None
+        row, span = _parse_line(str(view[pos:stop], "ascii", "replace"), ncpu, where, i + 2, labels)
+        if i < nold:
+            lines[i], rows[i], spans[i] = line, row, span
+        else:
+            lines.append(line)
+            rows.append(row)
+            spans.append(span)
+        changed.append(i)
+        i += 1
+        pos = stop + 1
+    del lines[i:], rows[i:], spans[i:]
+    return lines, rows, spans, changed
 
 
 _DIGITS_SPACE = b"0123456789 "
 
 
-def _patch(new: bytes | bytearray, old: bytes, span: Span) -> tuple[int, Span] | None:
+def _patch(new: bytes, old: bytes, span: Span) -> tuple[int, Span] | None:
     """The total of ``new``, a changed line of the same length as ``old`` (a good line), when every
     changed byte lies in count columns that stay whole digit runs between the same spaces; else None
     (the caller parses the line in full, which gives the same answer or the fault)."""

@@ -83,9 +83,7 @@ _CACHE_LOCK = threading.Lock()
 class _Shared:
     at: float
     lines: IrqLines
-    # Two buffers, kept across cycles (no fresh 14 MiB allocation and its page faults each second):
-    # each read goes into the one the last parse does not hold, whose bytes it is compared with.
-    bufs: tuple[bytearray, bytearray]
+    buf: bytearray  # the file's bytes, read into the same memory every cycle
 
 
 _CACHE: dict[str, _Shared] = {}
@@ -105,15 +103,14 @@ def read_interrupts(procfs: str | os.PathLike[str], max_age: float = CYCLE_SHARE
         now = clock()
         if hit is not None and now - hit.at < max_age:
             return hit.lines
-        bufs = hit.bufs if hit is not None else (bytearray(), bytearray())
-        buf = bufs[1] if hit is not None and hit.lines.data is bufs[0] else bufs[0]
+        buf = hit.buf if hit is not None else bytearray()
         try:
             n = read_into(where, buf, PROCFS_MAX)
         except FileTooLarge:
             buf.clear()  # do not keep a hostile file's 64 MiB for the next read
             raise
         lines = parse_buffer(buf, n, where, hit.lines if hit is not None else None)
-        _CACHE[where] = _Shared(now, lines, bufs)
+        _CACHE[where] = _Shared(now, lines, buf)
         return lines
 
 
