@@ -154,3 +154,33 @@ def test_ports_are_listed_on_device_change_or_refresh_and_unchanged_counters_reu
     node.remove_rdma("mlx5_0")
     t[0] = 62.0
     assert {k[1] for k in _values(src.read())} == {"mlx5_1"}  # a device gone: listed at once
+
+
+def test_a_port_counter_netdev_just_read_is_not_read_again(node):
+    """The netdev source reads the same port data counters for RDMA NICs; within
+    PORT_SHARE_S of its read (one cycle's shared lane) the rdma source takes those values instead
+    of reading the files again. Later, or for a file that failed, it reads the file itself."""
+    from pcietax.sources import netdev as netdev_mod
+    from pcietax.sources.netdev import NetdevSource
+
+    t = [100.0]
+    clock = lambda: t[0]  # noqa: E731
+    node.add_netdev("eno1", node.add_pci("0000:3b:00.0", 0x020000), 1, 2)
+    nd = NetdevSource(procfs=str(node.proc), sysfs=str(node.sys), clock=clock)
+    nd.start()
+    rd = RdmaSource(sysfs=str(node.sys), clock=clock)
+    rd.start()
+    netdev_mod._PORT_READS.clear()
+    nd.read()
+    node.set_rdma_port("mlx5_1", 1, "InfiniBand", 100, 2)  # moved after netdev's read
+    t[0] += 0.01
+    assert _values(rd.read())[(RX, "mlx5_1", "1")] == 4  # netdev's value, from the same instant
+    t[0] += netdev_mod.PORT_SHARE_S
+    assert _values(rd.read())[(RX, "mlx5_1", "1")] == 400  # too old to share: read again
+    nd.read()  # publishes port 2's value
+    (node.sys / "class/infiniband/mlx5_1/ports/2/counters/port_rcv_data").write_text("garbage\n")
+    assert [f.what for f in nd.read().faults] == ["unreadable RDMA counter"]  # and withdraws it
+    t[0] += 0.01
+    snap = rd.read()
+    assert [f.what for f in snap.faults] == ["unreadable RDMA counter"]  # read itself, not shared
+    assert (RX, "mlx5_1", "2") not in _values(snap) and _values(snap)[(RX, "mlx5_1", "1")] == 400

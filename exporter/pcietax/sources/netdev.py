@@ -34,6 +34,12 @@ NO_PMA = "N/A (no PMA)"
 # How long the sysfs layout (which netdev is which PCI function, which RDMA ports there are, their
 # link layers) is kept while the class/net and class/infiniband listings stay the same.
 LAYOUT_REFRESH = 60.0
+# The rdma source reads the same port data counters as this source's RDMA NICs: a value this source
+# read less than this long ago serves it too (one read per file per cycle, and RDMA and NIC bytes of
+# one port from the same instant). Short, so that a value from an earlier cycle is never served.
+PORT_SHARE_S = 0.05
+_PORT_READS: dict[str, tuple[float, int | None]] = {}  # counter path -> (when, bytes)
+_PORT_READS_MAX = 4096  # ports that come and go (SR-IOV VFs): cleared past this
 
 
 def parse_net_dev(text: str, snap: Snapshot, where: str) -> dict[str, tuple[int, int]]:
@@ -135,7 +141,7 @@ class NetdevSource:
         except (OSError, UnicodeDecodeError) as e:
             raise SourceUnavailable(f"cannot read {where}: {e}") from e
         layout = self._current_layout(snap)
-        rdma, broken = _rdma_counters(layout.ports, snap)
+        rdma, broken = _rdma_counters(layout.ports, snap, self._clock)
         sysfs_pci = layout.netdevs
         with_netdev = {pci for pci in sysfs_pci.values() if pci}
         for iface in sorted(set(stats) | {i for i, p in sysfs_pci.items() if p}):
@@ -344,7 +350,8 @@ def _rdma_ports(sysfs: str | os.PathLike[str], devices: tuple[str, ...], snap: S
     return out
 
 
-def _rdma_counters(ports: list[_PortPath], snap: Snapshot) -> tuple[dict[str, list[_Port]], set[str]]:
+def _rdma_counters(ports: list[_PortPath], snap: Snapshot, clock: Callable[[], float] = time.monotonic
+                   ) -> tuple[dict[str, list[_Port]], set[str]]:
     """PCI function -> its RDMA ports' bytes, and the PCI functions with a port whose counters could
     not be read. A port without data counters (SR-IOV VF) or whose counters read ``N/A (no PMA)``
     is simply not a part of its NIC: quietly absent, and the NIC's netdev bytes still count."""
@@ -352,8 +359,8 @@ def _rdma_counters(ports: list[_PortPath], snap: Snapshot) -> tuple[dict[str, li
     broken: set[str] = set()
     for p in ports:
         try:
-            rx = port_bytes(p.counters + "/port_rcv_data")
-            tx = port_bytes(p.counters + "/port_xmit_data")
+            rx = port_bytes(p.counters + "/port_rcv_data", share=clock)
+            tx = port_bytes(p.counters + "/port_xmit_data", share=clock)
         except FileNotFoundError:
             continue  # a port without data counters (SR-IOV VF), as the rdma source treats it
         except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -366,16 +373,38 @@ def _rdma_counters(ports: list[_PortPath], snap: Snapshot) -> tuple[dict[str, li
     return out, broken
 
 
-def port_bytes(path: str | os.PathLike[str]) -> int | None:
+def port_bytes(path: str, share: Callable[[], float] | None = None) -> int | None:
     """An RDMA port data counter in bytes (the file counts 4-byte words); None where the device
-    has no PMA to count with. Raises OSError/ValueError for anything else unreadable."""
-    text = read_str(path)
-    if text == NO_PMA:
-        return None
+    has no PMA to count with. Raises OSError/ValueError for anything else unreadable. With
+    ``share`` (a clock), the outcome is published for ``shared_port_bytes``: the value, or that
+    there is none to share (a failed read)."""
     try:
-        return counter_value(text) * 4
-    except ValueError:
-        raise ValueError(f"not a counter: {text[:40]!r} in {path}") from None
+        text = read_str(path)
+        if text == NO_PMA:
+            value = None
+        else:
+            try:
+                value = counter_value(text) * 4
+            except ValueError:
+                raise ValueError(f"not a counter: {text[:40]!r} in {path}") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        if share is not None:
+            _PORT_READS.pop(path, None)
+        raise
+    if share is not None:
+        if len(_PORT_READS) >= _PORT_READS_MAX:
+            _PORT_READS.clear()
+        _PORT_READS[path] = (share(), value)
+    return value
+
+
+def shared_port_bytes(path: str, clock: Callable[[], float] = time.monotonic) -> int | None:
+    """``port_bytes``, or the value the netdev source read from the same file under
+    ``PORT_SHARE_S`` ago (same clock). Failures are never shared: a file that failed is read."""
+    hit = _PORT_READS.get(path)
+    if hit is not None and 0.0 <= clock() - hit[0] < PORT_SHARE_S:
+        return hit[1]
+    return port_bytes(path)
 
 
 def _ports(dev: str | os.PathLike[str], snap: Snapshot) -> list[tuple[str, str]]:

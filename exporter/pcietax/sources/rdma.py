@@ -4,17 +4,20 @@ the verbs path (DESIGN.md section 1).
 
 Which ports each device has changes only when a device comes or goes, so the port directories are
 listed again when the device listing differs or every ``layout_refresh`` seconds, not every read;
-a counter that reads as it did last time gives last time's sample (the engine absorbs it for free)."""
+a counter that reads as it did last time gives last time's sample (the engine absorbs it for free).
+The netdev source reads the same port counters for RDMA NICs in the same cycle: what it read
+moments ago is used rather than read again (netdev.shared_port_bytes)."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import catalog
 from .base import Labels, Sample, Snapshot, SourceAbsent, SourceUnavailable, labels_of
-from .netdev import LAYOUT_REFRESH, _ports, port_bytes
+from .netdev import LAYOUT_REFRESH, _ports, shared_port_bytes
 
 RX = catalog.RDMA_PORT_RECEIVE_BYTES
 TX = catalog.RDMA_PORT_TRANSMIT_BYTES
@@ -30,7 +33,8 @@ class RdmaSource:
 
     def __init__(self, sysfs: str = "/sys", layout_refresh: float = LAYOUT_REFRESH,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._base = os.path.join(sysfs, "class/infiniband")
+        # Spelled as the netdev source spells it, so the paths of shared reads match.
+        self._base = os.fspath(Path(sysfs) / "class/infiniband")
         self._refresh = layout_refresh
         self._clock = clock
         # (device listing, when built, [(counters directory, labels)]); None: build at the next read
@@ -63,7 +67,7 @@ class RdmaSource:
             for fam, fname in ((RX, "port_rcv_data"), (TX, "port_xmit_data")):
                 path = f"{counters}/{fname}"
                 try:
-                    value = port_bytes(path)
+                    value = shared_port_bytes(path, self._clock)
                 except FileNotFoundError:
                     continue  # some ports (e.g. SR-IOV VFs) have no data counters
                 except (OSError, ValueError, UnicodeDecodeError) as e:
