@@ -490,3 +490,24 @@ def test_a_bad_line_after_a_good_one_of_the_same_irq_does_not_hold_over_it(node)
         first = parse_interrupts(head + b"  5:  3  4  IO-APIC 5-edge x\n  5:  3y  IO-APIC 5-edge x\n",
                                  Snapshot(), "x", first)
         assert first.by_irq["5"].value == 7 and [f.what for f in first.faults] == ["not a number"]
+
+
+def test_softirq_lines_that_read_the_same_give_the_same_sample():
+    """A line that reads as it did (under as many CPUs) gives last read's very Sample; a changed
+    line is parsed; the same text under a new CPU header is parsed (and is now short: a fault)."""
+    from pcietax.sources.base import Snapshot
+    from pcietax.sources.procfs import parse_softirqs
+
+    head2 = "                    CPU0       CPU1\n"
+    text = head2 + "          HI:          1          2\n      NET_RX:         10         20\n"
+    seen: dict = {}
+    first = parse_softirqs(text, Snapshot(), "x", None, seen)
+    second = parse_softirqs(text.replace("20\n", "21\n"), Snapshot(), "x", first, seen)
+    assert second["hi"] is first["hi"] and second["net_rx"].value == 31
+    fresh = parse_softirqs(text.replace("20\n", "21\n"), Snapshot(), "x")
+    assert second == fresh
+    head3 = head2.rstrip("\n") + "       CPU2\n"
+    snap = Snapshot()
+    third = parse_softirqs(head3 + text[len(head2):], snap, "x", second, seen)
+    assert [f.what for f in snap.faults] == ["truncated line", "truncated line"]
+    assert third["hi"] is second["hi"] and third["net_rx"].value == 31  # held, as a bad line is

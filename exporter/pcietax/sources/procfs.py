@@ -31,29 +31,41 @@ SOFTIRQ = catalog.SOFTIRQ
 STAGING = catalog.STAGING_CPU_SECONDS
 
 
-def parse_softirqs(text: str, snap: Snapshot, where: str, last: dict[str, Sample] | None = None
-                   ) -> dict[str, Sample]:
-    """Per vector, summed over CPUs; a bad line holds the vector's sample from ``last``."""
+def parse_softirqs(text: str, snap: Snapshot, where: str, last: dict[str, Sample] | None = None,
+                   seen: dict[tuple[int, str], Sample] | None = None) -> dict[str, Sample]:
+    """Per vector, summed over CPUs; a bad line holds the vector's sample from ``last``. Pass the
+    same ``seen`` every read and a good line that reads as it did last time (under as many CPUs)
+    gives last time's sample, not parsed again (at 256 CPUs a line is 256 columns to sum)."""
     lines = text.splitlines()
     ncpu = len(lines[0].split()) if lines else 0
     if not ncpu or not all(w.startswith("CPU") for w in lines[0].split()):
         raise SourceUnavailable(f"{where}: no CPU header (empty or cut file)")
     held = last or {}
+    before = seen if seen is not None else {}
+    now: dict[tuple[int, str], Sample] = {}
     out: dict[str, Sample] = {}
     for n, line in enumerate(lines[1:], start=2):
         head, sep, rest = line.partition(":")
         vector = head.strip().lower()
+        sample = before.get((ncpu, line))
+        if sample is not None and sep:
+            out[vector] = now[(ncpu, line)] = sample
+            continue
         parts = rest.split()
         try:
             if not sep or len(parts) != ncpu:
                 snap.fault("truncated line", f"{where}:{n}")
             else:
-                out[vector] = Sample(SOFTIRQ, labels_of(vector=vector), float(sum_counters(parts)))
+                out[vector] = now[(ncpu, line)] = Sample(SOFTIRQ, labels_of(vector=vector),
+                                                        float(sum_counters(parts)))
                 continue
         except ValueError:
             snap.fault("not a number", f"{where}:{n}")
         if vector in held:
             out[vector] = held[vector]
+    if seen is not None:
+        seen.clear()
+        seen.update(now)
     snap.counters.extend(out.values())
     return out
 
@@ -122,6 +134,7 @@ class ProcfsSource:
         self._root = Path(procfs)
         self._user_hz = user_hz or float(os.sysconf("SC_CLK_TCK"))
         self._soft: dict[str, Sample] = {}
+        self._soft_lines: dict[tuple[int, str], Sample] = {}  # parse_softirqs' line reuse
 
     def start(self) -> None:
         missing = [f for f in ("interrupts", "softirqs", "stat") if not (self._root / f).exists()]
@@ -147,7 +160,7 @@ class ProcfsSource:
             text = read_text(where, PROCFS_MAX, errors="replace")
         except OSError as e:
             raise SourceUnavailable(f"cannot read {where}: {e.strerror or e}") from e
-        self._soft = parse_softirqs(text, snap, where, self._soft)
+        self._soft = parse_softirqs(text, snap, where, self._soft, self._soft_lines)
         where = str(self._root / "stat")
         try:
             text = read_text(where, PROCFS_MAX, errors="replace")
