@@ -205,3 +205,56 @@ def test_sum_counters_is_the_sum_of_counter_values(fields):
             sum_counters(fields)
         return
     assert sum_counters(fields) == want
+
+
+# A kernel-format file of good lines (as the kernel pads them: "%*d:" then " %10u" per CPU) and
+# same-length edits inside it: the case interrupts._patch takes, where a wrong sum would be a
+# wrong counter rather than a fault.
+_patch_file = st.integers(1, 6).flatmap(lambda ncpu: st.tuples(
+    st.just(ncpu),
+    st.lists(st.tuples(st.sampled_from(["0", "24", "130", "LOC", "ERR"]),
+                       st.lists(st.integers(0, 10**12), min_size=ncpu, max_size=ncpu),
+                       st.sampled_from(["  IO-APIC 2-edge timer", "  Local timer interrupts", "  q"])),
+             min_size=1, max_size=5),
+    # reads, each a few pokes (several columns of a line can change between two reads)
+    st.lists(st.lists(st.tuples(st.integers(0, 10**4),
+                                st.lists(st.sampled_from(list(b"0123456789" * 6 + b" \t-x\xff")),
+                                         min_size=1, max_size=12).map(bytes)),
+                      min_size=1, max_size=4),
+             min_size=1, max_size=5)))
+
+
+def _kernel_interrupts(ncpu: int, lines) -> bytes:
+    head = b" " * 4 + b"".join(b"       CPU%d" % c for c in range(ncpu)) + b"\n"
+    body = b""
+    for irq, counts, text in lines:
+        n = 1 if irq == "ERR" else ncpu
+        body += b"%4s:" % irq.encode() + b"".join(b" %10d" % c for c in counts[:n])
+        body += (b"" if irq == "ERR" else text.encode()) + b"\n"
+    return head + body
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_patch_file)
+def test_same_length_edits_of_kernel_lines_parse_as_a_fresh_parse(case):
+    """Bytes overwritten in place in a file the kernel's way (mostly digits over digits, some
+    blanks, tabs, signs and stray bytes): the incremental parse (patching what it can) gives the
+    fresh parse's samples, faults and held values, read after read."""
+    import dataclasses
+
+    ncpu, lines, reads = case
+    data = bytearray(_kernel_interrupts(ncpu, lines))
+    last = parse_interrupts(bytes(data), Snapshot(), "x")
+    header_end = data.index(b"\n") + 1
+    for pokes in reads:
+        for at, poke in pokes:
+            at = header_end + at % (len(data) - header_end)
+            for k, b in enumerate(poke[: len(data) - at]):
+                if data[at + k] != 10:  # keep the line breaks: a same-length edit of a line
+                    data[at + k] = b
+        blank = dataclasses.replace(last, lines=[], rows=[], spans=[], simple=False)
+        want = parse_interrupts(bytes(data).decode("ascii", "replace"), Snapshot(), "x", blank)
+        got = parse_interrupts(bytes(data), Snapshot(), "x", last)
+        assert list(got.by_irq.items()) == list(want.by_irq.items())
+        assert got.faults == want.faults
+        last = got
