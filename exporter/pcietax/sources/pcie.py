@@ -170,8 +170,8 @@ class PcieSource:
         return lbl
 
     def _read_device(self, snap: Snapshot, dev: str, addr: str, f: _Fixed) -> None:
-        speed_b = _optional_bytes(f"{dev}/current_link_speed")
-        width_b = _optional_bytes(f"{dev}/current_link_width")
+        speed_s = read_optional_str(f"{dev}/current_link_speed")
+        width_s = read_optional_str(f"{dev}/current_link_width")
         aer_path = dev + "/aer_dev_correctable"
         try:
             aer_b: bytes | OSError | None = read_bytes(aer_path)
@@ -179,14 +179,14 @@ class PcieSource:
             aer_b = None  # no AER on this device or kernel
         except OSError as e:
             aer_b = e
-        key = (speed_b, width_b, aer_b)
+        key = (speed_s, width_s, aer_b)
         hit = self._seen.get(addr)
         if hit is not None and hit[1] is f and hit[0] == key:
             snap.gauges.extend(hit[2])
             snap.counters.extend(hit[3])
             return
         faults, gauges0, counters0 = len(snap.faults), len(snap.gauges), len(snap.counters)
-        self._parse_device(snap, dev, addr, f, _text(speed_b), _text(width_b), aer_path, aer_b)
+        self._parse_device(snap, dev, addr, f, speed_s, width_s, aer_path, aer_b)
         if len(snap.faults) == faults:  # a read with faults is parsed again next time, faults and all
             self._seen[addr] = (key, f, snap.gauges[gauges0:], snap.counters[counters0:])
         else:
@@ -209,11 +209,12 @@ class PcieSource:
                 gauges.append(Sample(CEILING, self._label(addr, kind, ""), float(usable)))
         if aer_b is None:
             return
+        if isinstance(aer_b, OSError):
+            snap.fault("unreadable AER counters", f"{aer_path}: {aer_b}")
+            return
         try:
-            if isinstance(aer_b, OSError):
-                raise aer_b
             aer = parse_aer(aer_b.decode("ascii"))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:
             snap.fault("unreadable AER counters", f"{aer_path}: {e}")
             return
         lbl = self._label(addr, kind, "")
@@ -222,21 +223,3 @@ class PcieSource:
         if "Rollover" in aer and "Timeout" in aer:
             # Both or nothing: a file cut before one of them would export a partial sum (a fake reset).
             snap.counters.append(Sample(REPLAY, lbl, float(aer["Rollover"] + aer["Timeout"])))
-
-
-def _optional_bytes(path: str) -> bytes | None:
-    """A file's bytes, None where it cannot be read (as read_optional_str has it)."""
-    try:
-        return read_bytes(path)
-    except OSError:
-        return None
-
-
-def _text(raw: bytes | None) -> str | None:
-    """read_optional_str's answer from the bytes: stripped ASCII, None for None or non-ASCII."""
-    if raw is None:
-        return None
-    try:
-        return raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        return None
