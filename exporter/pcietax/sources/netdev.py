@@ -357,50 +357,44 @@ def _rdma_counters(ports: list[_PortPath], snap: Snapshot, clock: Callable[[], f
     is simply not a part of its NIC: quietly absent, and the NIC's netdev bytes still count."""
     out: dict[str, list[_Port]] = {}
     broken: set[str] = set()
+    now = clock()
     for p in ports:
+        paths = (p.counters + "/port_rcv_data", p.counters + "/port_xmit_data")
         try:
-            rx = port_bytes(p.counters + "/port_rcv_data", share=clock)
-            tx = port_bytes(p.counters + "/port_xmit_data", share=clock)
-        except FileNotFoundError:
-            continue  # a port without data counters (SR-IOV VF), as the rdma source treats it
+            rx, tx = port_bytes(paths[0]), port_bytes(paths[1])
         except (OSError, ValueError, UnicodeDecodeError) as e:
+            for path in paths:
+                _PORT_READS.pop(path, None)  # nothing to share: the rdma source reads it itself
+            if isinstance(e, FileNotFoundError):
+                continue  # a port without data counters (SR-IOV VF), as the rdma source treats it
             snap.fault("unreadable RDMA counter", e)
             broken.add(p.pci)
             continue
+        if len(_PORT_READS) >= _PORT_READS_MAX - 1:
+            _PORT_READS.clear()
+        _PORT_READS[paths[0]], _PORT_READS[paths[1]] = (now, rx), (now, tx)
         if rx is None or tx is None:
             continue
         out.setdefault(p.pci, []).append(_Port(p.link_layer, rx, tx, p.device, p.port))
     return out, broken
 
 
-def port_bytes(path: str, share: Callable[[], float] | None = None) -> int | None:
+def port_bytes(path: str | os.PathLike[str]) -> int | None:
     """An RDMA port data counter in bytes (the file counts 4-byte words); None where the device
-    has no PMA to count with. Raises OSError/ValueError for anything else unreadable. With
-    ``share`` (a clock), the outcome is published for ``shared_port_bytes``: the value, or that
-    there is none to share (a failed read)."""
+    has no PMA to count with. Raises OSError/ValueError for anything else unreadable."""
+    text = read_str(path)
+    if text == NO_PMA:
+        return None
     try:
-        text = read_str(path)
-        if text == NO_PMA:
-            value = None
-        else:
-            try:
-                value = counter_value(text) * 4
-            except ValueError:
-                raise ValueError(f"not a counter: {text[:40]!r} in {path}") from None
-    except (OSError, ValueError, UnicodeDecodeError):
-        if share is not None:
-            _PORT_READS.pop(path, None)
-        raise
-    if share is not None:
-        if len(_PORT_READS) >= _PORT_READS_MAX:
-            _PORT_READS.clear()
-        _PORT_READS[path] = (share(), value)
-    return value
+        return counter_value(text) * 4
+    except ValueError:
+        raise ValueError(f"not a counter: {text[:40]!r} in {path}") from None
 
 
 def shared_port_bytes(path: str, clock: Callable[[], float] = time.monotonic) -> int | None:
     """``port_bytes``, or the value the netdev source read from the same file under
-    ``PORT_SHARE_S`` ago (same clock). Failures are never shared: a file that failed is read."""
+    ``PORT_SHARE_S`` ago (same clock). Failures are never shared (``_rdma_counters`` withdraws a
+    port's values when its read fails): a file that failed is read."""
     hit = _PORT_READS.get(path)
     if hit is not None and 0.0 <= clock() - hit[0] < PORT_SHARE_S:
         return hit[1]
